@@ -1,0 +1,33 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?= -q
+
+.PHONY: install demo test test-all clean-runs
+
+install: $(STAMP)
+
+# torch first from the CPU wheel (a bare `torch` would pull several GB of CUDA), then the
+# package with [dev], then DeepSpeed, which builds against the installed torch.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -e ".[dev]"
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation deepspeed
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m lightning_r1v2.demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# also the end-to-end runs marked slow
+test-all: install
+	$(PY) -m pytest $(PYTEST_ARGS) -m "slow or not slow"
+
+clean-runs:
+	rm -rf runs

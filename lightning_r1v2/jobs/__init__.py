@@ -1,0 +1,1 @@
+"""Data jobs exposed by ``cli.py`` beside the LightningCLI commands (plain functions)."""

@@ -1,0 +1,5 @@
+"""LightningModules of the three stages."""
+from .common import PolicyModule
+from .sft import SFTModule
+
+__all__ = ["PolicyModule", "SFTModule"]
