@@ -1,5 +1,6 @@
 """LightningModules of the three stages."""
 from .common import PolicyModule
+from .grpo import GRPOModule
 from .sft import SFTModule
 
-__all__ = ["PolicyModule", "SFTModule"]
+__all__ = ["PolicyModule", "SFTModule", "GRPOModule"]

@@ -30,6 +30,7 @@ class PolicyModule(L.LightningModule):
         eval_max_new_tokens: Generation length for held-out evaluation.
         eval_batch_size: Not used for batching (the DataModule batches); kept for documentation.
         gradient_checkpointing: Recompute activations in the backward pass (memory for time).
+        init_ckpt: Start from the policy weights of this Lightning checkpoint (an earlier stage's).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class PolicyModule(L.LightningModule):
         seed: int = 0,
         eval_max_new_tokens: int = 32,
         gradient_checkpointing: bool = False,
+        init_ckpt: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -61,6 +63,8 @@ class PolicyModule(L.LightningModule):
     # ----------------------------------------------------------------- model
     def _build(self):
         model, processor = load_policy(self.model_name, dtype=self.hparams.dtype, seed=self.hparams.seed)
+        if self.hparams.init_ckpt:
+            load_policy_weights(model, self.hparams.init_ckpt)
         self.param_counts = set_trainable(model, self.trainable)
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -136,6 +140,21 @@ class PolicyModule(L.LightningModule):
         rate = 0.0 if self._t_last is None else tokens / max(now - self._t_last, 1e-9)
         self._t_last = now
         return rate
+
+
+def load_policy_weights(model, ckpt_path: str) -> None:
+    """Copy the ``model.*`` weights of a lightning-r1v2 checkpoint into ``model`` (strict)."""
+    from pathlib import Path
+
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"init_ckpt {ckpt_path!r} does not exist (run the previous stage first)")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k not in ("lm_head.weight",)]  # tied to the embeddings
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    log.info("loaded policy weights from %s", ckpt_path)
 
 
 def clean_completion(text: str, tokenizer) -> str:

@@ -1,0 +1,233 @@
+"""Stage 3: GRPO over rollouts of the VLM (R1V2, arXiv 2504.16656; R1V3, arXiv 2507.06167).
+
+One training step = one batch of prompts:
+  rollouts (engine) -> reward columns (RewardCallbacks, config order) -> monitors (on_rewards)
+  -> combined reward -> group advantages -> buffer (on_advantages) -> optimizer steps over
+  mini-batches (manual optimization) -> metrics.
+
+Departures from the papers, and why:
+- Behaviour log-probs come from the sampling pass itself (the engine records them), so no
+  extra forward runs before the first update; with one update per batch the ratio is 1 up to
+  numerics, as in on-policy GRPO.
+- Rows whose reward faulted with ``on_error="drop_group"`` are masked out of the loss.
+- A reference model exists only when ``kl_coef > 0`` (R1V3 uses no KL).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from ..callbacks.hooks import call_rollout_hook
+from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, token_logprobs
+from ..rewards.combine import combine_rewards
+from ..rollout.hf_engine import HFGenerateEngine
+from ..rollout.types import Rollouts
+from .common import PolicyModule
+
+
+class GRPOModule(PolicyModule):
+    """GRPO with group-normalised advantages and the clipped surrogate.
+
+    Args:
+        engine: Rollout engine (``HFGenerateEngine`` by default; the vLLM engine by class_path).
+        group_size: Completions sampled per prompt (G; R1V1 8, R1V3 32).
+        clip_eps: PPO clip (0.2 in R1V3).
+        clip_eps_high: Upper clip (DAPO's clip-higher); None = ``clip_eps``.
+        kl_coef: Coefficient of the k3 KL to a frozen reference (0 in R1V3: no reference kept).
+        aggregation: ``sequence`` (mean per sequence, then over sequences: the paper) or ``token``.
+        scale_advantages: Divide by the group std (False: Dr. GRPO style ``r - mean``).
+        reward_mode: ``sum`` (R1V2), ``weighted`` (R1V3 0.8 acc + 0.2 format) or ``gate``.
+        mini_batch_size: Rollout rows per optimizer step (0: the whole batch, one step).
+        updates_per_batch: Passes over the rollout batch (1: on-policy, as R1V3).
+        max_grad_norm: Gradient clipping (0: off). Under DeepSpeed set it in the strategy config.
+        table_every_n_steps: Write a table of sample completions every N steps (0: never).
+        table_rows: Rows of that table.
+        init_ckpt: Start from this checkpoint's policy weights (e.g. the SFT stage's ``last.ckpt``).
+        **kwargs: ``PolicyModule`` arguments (model, trainable, lr, ...).
+    """
+
+    def __init__(
+        self,
+        engine: HFGenerateEngine | None = None,
+        group_size: int = 8,
+        clip_eps: float = 0.2,
+        clip_eps_high: float | None = None,
+        kl_coef: float = 0.0,
+        aggregation: str = "sequence",
+        scale_advantages: bool = True,
+        reward_mode: str = "weighted",
+        mini_batch_size: int = 0,
+        updates_per_batch: int = 1,
+        max_grad_norm: float = 1.0,
+        table_every_n_steps: int = 50,
+        table_rows: int = 8,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["engine"])
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for group advantages, got {group_size}")
+        if aggregation not in ("sequence", "token"):
+            raise ValueError(f"aggregation must be 'sequence' or 'token', got {aggregation!r}")
+        self.engine = engine or HFGenerateEngine()
+        self.automatic_optimization = False
+        self.ref_model = None
+        if kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.last_rollouts: Rollouts | None = None
+        self.phase_times: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- helpers
+    def reward_callbacks(self) -> list:
+        cbs = [cb for cb in self.trainer.callbacks if hasattr(cb, "score") and hasattr(cb, "weight")]
+        if not cbs:
+            raise ValueError(
+                "GRPO needs at least one RewardCallback in trainer.callbacks, e.g.\n"
+                "  - class_path: lightning_r1v2.rewards.RewardCallback\n"
+                "    init_args: {fn: lightning_r1v2.rewards.accuracy_reward, weight: 0.8}"
+            )
+        return cbs
+
+    def sequence_logprobs(self, model, rows: Rollouts, with_entropy: bool = False):
+        """Per-token log-probs ``[n, C]`` of the completions under ``model`` (and entropies)."""
+        input_ids = torch.cat([rows.prompt_ids, rows.completion_ids], dim=1)  # [n, P+C]
+        attention_mask = torch.cat([rows.prompt_mask, rows.completion_mask], dim=1)  # [n, P+C]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers them
+        C = rows.completion_ids.shape[1]
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=rows.pixel_values.to(model.dtype),
+            logits_to_keep=C + 1,
+        )
+        logits = out.logits[:, :-1] / self.engine.temperature  # [n, C, V] position t predicts token t
+        logp = token_logprobs(logits, rows.completion_ids)  # [n, C]
+        ent = entropy_from_logits(logits.detach()) if with_entropy else None  # [n, C]
+        return logp, ent
+
+    # ------------------------------------------------------------------ step
+    def training_step(self, batch, batch_idx):
+        hp = self.hparams
+        t0 = time.perf_counter()
+        rollouts = self.engine.generate(self, batch, hp.group_size)
+        t1 = time.perf_counter()
+        call_rollout_hook(self.trainer, self, "on_rollouts", rollouts)
+        cbs = self.reward_callbacks()
+        for cb in cbs:
+            rollouts.rewards[cb.name] = cb.score(rollouts)
+        call_rollout_hook(self.trainer, self, "on_rewards", rollouts)
+        rollouts.reward = combine_rewards(
+            rollouts.rewards,
+            {cb.name: cb.weight for cb in cbs},
+            mode=hp.reward_mode,
+            groups={cb.name: cb.group for cb in cbs if getattr(cb, "group", None)},
+        )
+        rollouts.advantages = group_advantages(rollouts.reward, hp.group_size, scale=hp.scale_advantages)
+        pre = self._reward_stats(rollouts)
+        t2 = time.perf_counter()
+        if self.ref_model is not None and rollouts.ref_logprobs is None:
+            with torch.no_grad():
+                rollouts.ref_logprobs = self.sequence_logprobs(self.ref_model, rollouts)[0]
+        rollouts = call_rollout_hook(self.trainer, self, "on_advantages", rollouts)
+        stats = self._update(rollouts)
+        t3 = time.perf_counter()
+        self.phase_times = {"time/generate": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2}
+        n_tokens = int(rollouts.completion_mask.sum())
+        stats.update(pre)
+        stats.update(self.phase_times)
+        stats["rollout_tokens_per_s"] = n_tokens / max(t1 - t0, 1e-9)
+        for cb in self.trainer.callbacks:
+            stats.update(getattr(cb, "last_stats", None) or {})
+        self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, batch_size=len(rollouts))
+        self.log("reward", float(pre["reward"]), prog_bar=True, batch_size=len(rollouts))
+        self.last_rollouts = rollouts
+        if hp.table_every_n_steps and self.global_step % hp.table_every_n_steps == 0:
+            self._write_table(rollouts)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+
+    def _reward_stats(self, r: Rollouts) -> dict:
+        G = self.hparams.group_size
+        grouped = r.reward.view(-1, G)  # [B, G]
+        lengths = r.completion_mask.sum(1).float()  # [N]
+        return {
+            "reward": r.reward.mean(),
+            "reward_std": r.reward.std() if len(r) > 1 else torch.tensor(0.0),
+            "frac_reward_zero_std": (grouped.std(dim=1) < 1e-6).float().mean(),
+            "effective_share": (r.advantages.abs() > 1e-6).float().mean(),
+            "completions/mean_length": lengths.mean(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": r.truncated.float().mean() if r.truncated is not None else torch.tensor(0.0),
+        }
+
+    def _update(self, rollouts: Rollouts) -> dict:
+        hp = self.hparams
+        opt = self.optimizers()
+        n = len(rollouts)
+        mb = hp.mini_batch_size or n
+        mask_all = rollouts.completion_mask.float()
+        if rollouts.dropped is not None:
+            mask_all = mask_all * (~rollouts.dropped).float()[:, None]
+        totals: dict[str, float] = {}
+        count = 0
+        single_pass = hp.updates_per_batch == 1 and mb >= n
+        if rollouts.old_logprobs is None and not single_pass:
+            with torch.no_grad():
+                rollouts.old_logprobs = torch.cat(
+                    [self.sequence_logprobs(self.model, rollouts.select(range(i, min(i + mb, n))))[0]
+                     for i in range(0, n, mb)]
+                )
+        for _ in range(hp.updates_per_batch):
+            for start in range(0, n, mb):
+                idx = list(range(start, min(start + mb, n)))
+                rows = rollouts.select(idx)
+                mask = mask_all[idx]
+                logp, ent = self.sequence_logprobs(self.model, rows, with_entropy=True)
+                old = rows.old_logprobs if rows.old_logprobs is not None else logp.detach()
+                loss, stats = grpo_loss(
+                    logp, old, rows.advantages, mask,
+                    clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high,
+                    ref_logprobs=rows.ref_logprobs, kl_coef=hp.kl_coef, aggregation=hp.aggregation,
+                )
+                opt.zero_grad()
+                self.manual_backward(loss)
+                if hp.max_grad_norm:
+                    self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                stats["entropy"] = masked_mean(ent, mask)
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                count += 1
+        return {k: v / count for k, v in totals.items()}
+
+    # ---------------------------------------------------------------- tables
+    def _write_table(self, r: Rollouts):
+        rows = min(self.hparams.table_rows, len(r))
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = log_dir / "completions.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = list(r.rewards)
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "id", "question", "answer", "completion", *names, "reward", "advantage"])
+            for i in range(rows):
+                rec = r.records[i]
+                w.writerow([
+                    self.global_step, rec.get("id"), rec.get("question"), rec.get("answer"), r.completions[i],
+                    *[f"{float(r.rewards[k][i]):.3f}" for k in names],
+                    f"{float(r.reward[i]):.3f}", f"{float(r.advantages[i]):.3f}",
+                ])
+        for logger in self.loggers:
+            exp = getattr(logger, "experiment", None)
+            if hasattr(exp, "add_text"):
+                md = "\n".join(f"| {r.records[i].get('answer')} | `{r.completions[i]}` | {float(r.reward[i]):.2f} |"
+                               for i in range(rows))
+                exp.add_text("completions", "| answer | completion | reward |\n|---|---|---|\n" + md, self.global_step)

@@ -1,0 +1,149 @@
+"""The embedded default rollout engine: batched Hugging Face ``generate`` with a KV cache.
+
+It samples ``G`` completions per prompt in one batched call and records the behaviour policy's
+per-token log-probs while sampling (``log_softmax(logits / temperature)`` at the sampled token),
+so the GRPO step does not need an extra forward pass before its first update. Only one step's
+distribution is held at a time, never ``[steps, N, V]``.
+
+Chosen in YAML by ``class_path``; the vLLM engine has the same ``generate(module, batch, G)``.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .types import Rollouts
+
+
+class _LogprobRecorder(LogitsProcessor):
+    """Keeps log p(token) of each sampled token, computed from the raw (pre-warper) logits."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.prev: torch.Tensor | None = None  # [N, V] log-probs of the last step
+        self.taken: list[torch.Tensor] = []  # each [N]
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.taken.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        self.taken.append(self.prev.gather(-1, last_tokens[:, None]).squeeze(-1))
+        return torch.stack(self.taken, dim=1)  # [N, C]
+
+
+class HFGenerateEngine:
+    """Samples completions with ``model.generate``.
+
+    Args:
+        max_new_tokens: Longest completion (R1V1: 8K; R1V3: 4K -> 8K).
+        temperature: Sampling temperature (R1V1: 1.0).
+        top_p: Nucleus sampling mass (1.0: off).
+        top_k: Top-k sampling (0: off).
+        record_logprobs: Record the behaviour policy's log-probs while sampling.
+        gather_zero3: Under DeepSpeed ZeRO-3, gather the parameters once for the whole
+            generation (much faster than per-layer gathering and cannot hang ranks).
+    """
+
+    def __init__(
+        self,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        record_logprobs: bool = True,
+        gather_zero3: bool = True,
+    ):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.record_logprobs = record_logprobs
+        self.gather_zero3 = gather_zero3
+
+    def sampling_kwargs(self) -> dict:
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+    @torch.no_grad()
+    def generate(self, module, batch: dict, group_size: int) -> Rollouts:
+        """``G`` samples for each prompt of ``batch`` (a ``PromptCollator`` batch)."""
+        model, tok = module.model, module.tokenizer
+        G = group_size
+        input_ids = batch["input_ids"].repeat_interleave(G, dim=0)  # [N, P]
+        attention_mask = batch["attention_mask"].repeat_interleave(G, dim=0)  # [N, P]
+        pixel_values = batch["pixel_values"].repeat_interleave(G, dim=0)  # [N, 3, H, W] (one tile per image)
+        recorder = _LogprobRecorder(self.temperature) if self.record_logprobs else None
+        was_training = model.training
+        model.eval()
+        with _gathered(module, self.gather_zero3):
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values.to(model.dtype),
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+                **self.sampling_kwargs(),
+            )
+        model.train(was_training)
+        P = input_ids.shape[1]
+        completion_ids = out[:, P:]  # [N, C]
+        completion_mask, truncated = completion_mask_from_eos(completion_ids, tok.eos_token_id)
+        old_logprobs = None
+        if recorder is not None:
+            old_logprobs = recorder.finish(completion_ids[:, -1]) * completion_mask  # [N, C]
+        texts = tok.batch_decode(completion_ids * completion_mask + tok.pad_token_id * (1 - completion_mask),
+                                 skip_special_tokens=True)
+        records = [r for r in batch["records"] for _ in range(G)]
+        group_ids = torch.arange(len(batch["records"])).repeat_interleave(G)  # [N]
+        return Rollouts(
+            prompt_ids=input_ids,
+            prompt_mask=attention_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            pixel_values=pixel_values,
+            completions=texts,
+            records=records,
+            group_ids=group_ids,
+            group_size=G,
+            old_logprobs=old_logprobs,
+            truncated=truncated,
+        )
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of tokens up to and including the first EOS; and which rows have no EOS (truncated)."""
+    is_eos = completion_ids == eos_id  # [N, C]
+    seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # [N, C] an EOS strictly before
+    mask = (~seen_before).long()
+    truncated = ~is_eos.any(dim=1)
+    return mask, truncated
+
+
+class _gathered:
+    """Gather ZeRO-3 partitioned parameters for generation; a no-op elsewhere."""
+
+    def __init__(self, module, enabled: bool):
+        self.ctx = None
+        strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+        if enabled and strategy is not None and type(strategy).__name__ == "DeepSpeedStrategy":
+            cfg = strategy.config.get("zero_optimization", {}) if getattr(strategy, "config", None) else {}
+            if cfg.get("stage") == 3:
+                import deepspeed
+
+                self.ctx = deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None)
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
