@@ -24,7 +24,7 @@ import torch
 from ..callbacks.hooks import call_rollout_hook
 from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, token_logprobs
 from ..rewards.combine import combine_rewards
-from ..rollout.hf_engine import HFGenerateEngine
+from ..rollout.hf_engine import HFGenerateEngine, blocked_token_ids
 from ..rollout.types import Rollouts
 from .common import PolicyModule
 
@@ -106,9 +106,17 @@ class GRPOModule(PolicyModule):
             logits_to_keep=C + 1,
         )
         logits = out.logits[:, :-1] / self.engine.temperature  # [n, C, V] position t predicts token t
+        logits = logits.masked_fill(self._blocked_mask(logits), float("-inf"))  # as sampled
         logp = token_logprobs(logits, rows.completion_ids)  # [n, C]
         ent = entropy_from_logits(logits.detach()) if with_entropy else None  # [n, C]
         return logp, ent
+
+    def _blocked_mask(self, logits):
+        if getattr(self, "_blocked", None) is None or self._blocked.shape[0] != logits.shape[-1]:
+            mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            mask[blocked_token_ids(self.tokenizer)] = True
+            self._blocked = mask
+        return self._blocked.to(logits.device)
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch, batch_idx):
@@ -143,8 +151,9 @@ class GRPOModule(PolicyModule):
         stats["rollout_tokens_per_s"] = n_tokens / max(t1 - t0, 1e-9)
         for cb in self.trainer.callbacks:
             stats.update(getattr(cb, "last_stats", None) or {})
+        reward = float(stats.pop("reward"))
         self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, batch_size=len(rollouts))
-        self.log("reward", float(pre["reward"]), prog_bar=True, batch_size=len(rollouts))
+        self.log("reward", reward, prog_bar=True, batch_size=len(rollouts))
         self.last_rollouts = rollouts
         if hp.table_every_n_steps and self.global_step % hp.table_every_n_steps == 0:
             self._write_table(rollouts)

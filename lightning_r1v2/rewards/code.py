@@ -1,6 +1,7 @@
 """Code reward: run the completion's last Python block against the record's tests in the sandbox."""
 from __future__ import annotations
 
+import json
 import re
 
 from lightning_r1v2.rewards.sandbox import SandboxPool, default_pool
@@ -24,6 +25,13 @@ def extract_code(text: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
+def _first(test: dict, *keys: str) -> str:
+    for k in keys:
+        if k in test and test[k] is not None:
+            return test[k]
+    return ""
+
+
 def _normalize_output(s: str) -> str:
     return "\n".join(line.rstrip() for line in s.strip().splitlines())
 
@@ -39,7 +47,8 @@ def code_reward(
 ) -> list[float | None]:
     """Share of a record's tests that the completion's last Python code block passes.
 
-    Each test is either ``{"input": str, "output": str}`` (the program reads ``input`` on stdin;
+    ``tests`` holds, per row, a list of tests (or its JSON text). Each test is either
+    ``{"input": str, "output": str}`` (``stdin``/``stdout`` are accepted too; the program reads ``input`` on stdin;
     passes when its stdout equals ``output`` after stripping surrounding whitespace and each
     line's trailing spaces) or ``{"assert": "assert f(2) == 4"}`` (the snippet is appended to the
     program; passes when the program exits 0). Every test is its own sandboxed process
@@ -58,6 +67,7 @@ def code_reward(
     jobs: list[dict] = []
     owners: list[tuple[int, str | None]] = []  # (row, expected stdout or None for assert tests)
     ran: list[int] = []  # rows with tests and a code block
+    tests = [json.loads(t) if isinstance(t, str) else t for t in tests]  # datasets often store JSON text
     for i, (completion, row_tests) in enumerate(zip(completions, tests)):
         if not row_tests:
             continue
@@ -72,8 +82,8 @@ def code_reward(
                 jobs.append({"code": code + "\n\n" + t["assert"] + "\n", "stdin": ""})
                 owners.append((i, None))
             else:
-                jobs.append({"code": code, "stdin": str(t.get("input", ""))})
-                owners.append((i, str(t.get("output", ""))))
+                jobs.append({"code": code, "stdin": str(_first(t, "input", "stdin"))})
+                owners.append((i, str(_first(t, "output", "stdout", "expected_output"))))
     if jobs:
         results = pool.map(jobs, timeout=timeout, memory_mb=memory_mb)
         passed: dict[int, int] = {}

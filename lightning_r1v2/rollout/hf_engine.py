@@ -18,14 +18,17 @@ from .types import Rollouts
 class _LogprobRecorder(LogitsProcessor):
     """Keeps log p(token) of each sampled token, computed from the raw (pre-warper) logits."""
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, blocked: list[int]):
         self.temperature = temperature
+        self.blocked = blocked
         self.prev: torch.Tensor | None = None  # [N, V] log-probs of the last step
         self.taken: list[torch.Tensor] = []  # each [N]
 
     def __call__(self, input_ids, scores):
         if self.prev is not None:
             self.taken.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        scores = scores.clone()
+        scores[:, self.blocked] = float("-inf")  # the same distribution the training forward scores
         self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
 
@@ -76,7 +79,8 @@ class HFGenerateEngine:
         input_ids = batch["input_ids"].repeat_interleave(G, dim=0)  # [N, P]
         attention_mask = batch["attention_mask"].repeat_interleave(G, dim=0)  # [N, P]
         pixel_values = batch["pixel_values"].repeat_interleave(G, dim=0)  # [N, 3, H, W] (one tile per image)
-        recorder = _LogprobRecorder(self.temperature) if self.record_logprobs else None
+        blocked = blocked_token_ids(tok)
+        recorder = _LogprobRecorder(self.temperature, blocked) if self.record_logprobs else None
         was_training = model.training
         model.eval()
         with _gathered(module, self.gather_zero3):
@@ -88,6 +92,7 @@ class HFGenerateEngine:
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
                 logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+                suppress_tokens=blocked,
                 **self.sampling_kwargs(),
             )
         model.train(was_training)
@@ -114,6 +119,20 @@ class HFGenerateEngine:
             old_logprobs=old_logprobs,
             truncated=truncated,
         )
+
+
+def blocked_token_ids(tokenizer) -> list[int]:
+    """Tokens a completion must never contain: image/video placeholders and padding.
+
+    A sampled image placeholder would make the next forward pass see more image tokens than
+    images (the "image features and image tokens do not match" crash of EasyR1 110 / verl 3469).
+    """
+    names = ("context_image_token", "start_image_token", "end_image_token", "video_token", "pad_token")
+    ids = {getattr(tokenizer, f"{n}_id", None) for n in names}
+    image_token = getattr(tokenizer, "image_token", None)
+    if image_token:
+        ids.add(tokenizer.convert_tokens_to_ids(image_token))
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.eos_token_id)
 
 
 def completion_mask_from_eos(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
