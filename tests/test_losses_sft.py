@@ -100,3 +100,15 @@ def test_masked_mean():
     assert masked_mean(x, mask, dim=1).tolist() == [1.5, 0.0]
     assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
     assert masked_mean(x, mask.bool(), dim=-1).tolist() == [1.5, 0.0]
+
+
+def test_entropy_ignores_masked_out_tokens():
+    import math
+
+    import torch
+
+    from lightning_r1v2.losses import entropy_from_logits
+
+    # two allowed tokens with equal logits, two masked with -inf: H = ln 2 (not NaN)
+    logits = torch.tensor([[[0.0, 0.0, float("-inf"), float("-inf")]]])
+    assert abs(float(entropy_from_logits(logits)[0, 0]) - math.log(2)) < 1e-6

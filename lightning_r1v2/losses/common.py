@@ -39,6 +39,8 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 
     H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v.
 
+    Logits of ``-inf`` (tokens masked out of the distribution) have p_v = 0 and add nothing.
+
     Args:
         logits: ``[B, T, V]``.
 
@@ -49,7 +51,8 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     for row_logits in logits:  # [T, V]
         row_logits = row_logits.float()  # [T, V]
         probs = torch.softmax(row_logits, dim=-1)  # [T, V]
-        rows.append(torch.logsumexp(row_logits, dim=-1) - (probs * row_logits).sum(-1))  # [T]
+        weighted = torch.where(probs > 0, probs * row_logits, torch.zeros_like(row_logits))  # [T, V] 0*-inf -> 0
+        rows.append(torch.logsumexp(row_logits, dim=-1) - weighted.sum(-1))  # [T]
     if not rows:
         return logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
     return torch.stack(rows)  # [B, T]

@@ -108,6 +108,7 @@ class GRPOModule(PolicyModule):
         logits = out.logits[:, :-1] / self.engine.temperature  # [n, C, V] position t predicts token t
         logits = logits.masked_fill(self._blocked_mask(logits), float("-inf"))  # as sampled
         logp = token_logprobs(logits, rows.completion_ids)  # [n, C]
+        logp = logp.masked_fill(rows.completion_mask == 0, 0.0)  # padding is a blocked token (-inf)
         ent = entropy_from_logits(logits.detach()) if with_entropy else None  # [n, C]
         return logp, ent
 

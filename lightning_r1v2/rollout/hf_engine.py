@@ -101,9 +101,8 @@ class HFGenerateEngine:
         completion_mask, truncated = completion_mask_from_eos(completion_ids, tok.eos_token_id)
         old_logprobs = None
         if recorder is not None:
-            old_logprobs = recorder.finish(completion_ids[:, -1]) * completion_mask  # [N, C]
-        texts = tok.batch_decode(completion_ids * completion_mask + tok.pad_token_id * (1 - completion_mask),
-                                 skip_special_tokens=True)
+            old_logprobs = recorder.finish(completion_ids[:, -1]).masked_fill(completion_mask == 0, 0.0)  # [N, C]
+        texts = decode_completions(tok, completion_ids, completion_mask)
         records = [r for r in batch["records"] for _ in range(G)]
         group_ids = torch.arange(len(batch["records"])).repeat_interleave(G)  # [N]
         return Rollouts(
@@ -119,6 +118,18 @@ class HFGenerateEngine:
             old_logprobs=old_logprobs,
             truncated=truncated,
         )
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """Completion texts without EOS and padding, but WITH reasoning markers such as ``<think>``.
+
+    ``skip_special_tokens=True`` would also drop ``<think>``/``</think>`` (special tokens in
+    many VLM tokenizers), and the format reward would then never see them.
+    """
+    drop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    rows = [[t for t, m in zip(ids.tolist(), mask.tolist()) if m and t not in drop]
+            for ids, mask in zip(completion_ids, completion_mask)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=False)
 
 
 def blocked_token_ids(tokenizer) -> list[int]:

@@ -1,0 +1,218 @@
+"""What the offline sampling jobs (``build-pairs``, ``prefilter``) share.
+
+Load a policy, sample ``N`` completions for every record with ``HFGenerateEngine``, score them
+with ``RewardCallback``s (the same YAML list GRPO configs use) and combine the columns with
+``combine_rewards``. One ``SampledGroup`` per record comes out, in record order.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger("lightning_r1v2.jobs")
+
+DEFAULT_REWARDS: list[dict] = [
+    # R1V3's hybrid reward, as configs/tiny/grpo.yaml: 0.8 accuracy + 0.2 format
+    {"class_path": "lightning_r1v2.rewards.RewardCallback",
+     "init_args": {"fn": "lightning_r1v2.rewards.accuracy_reward", "name": "accuracy", "weight": 0.8}},
+    {"class_path": "lightning_r1v2.rewards.RewardCallback",
+     "init_args": {"fn": "lightning_r1v2.rewards.format_reward", "name": "format", "weight": 0.2}},
+]
+
+# Fields ``read_records`` adds; they are not written back.
+_INTERNAL = ("image_rel", "_source", "_line")
+
+
+@dataclass
+class SampledGroup:
+    """The ``N`` scored samples of one record."""
+
+    record: dict
+    completions: list[str]  # [N] decoded text, cut at the end-of-turn token, special tokens kept
+    rewards: dict[str, list[float]] = field(default_factory=dict)  # reward name -> [N] (NaN: n/a)
+    reward: list[float] = field(default_factory=list)  # [N] combined
+    truncated: list[bool] = field(default_factory=list)  # [N] hit max_new_tokens
+
+
+def load_policy_module(policy: str, map_location: str = "cpu"):
+    """A ``PolicyModule`` from a Lightning checkpoint (``.ckpt`` file) or ``tiny`` / a HF folder."""
+    from ..modules.common import PolicyModule
+    from .export import load_module
+
+    if Path(policy).is_file():
+        module = load_module(policy, map_location=map_location)
+    elif policy == "tiny" or Path(policy).is_dir():
+        module = PolicyModule(model=policy)
+    else:
+        raise FileNotFoundError(f"{policy!r}: not a checkpoint file, a model folder or 'tiny'")
+    return module.eval().requires_grad_(False)
+
+
+def build_reward_callbacks(specs: list[dict] | None) -> list:
+    """``RewardCallback``s (or any object with ``score``/``name``/``weight``) from YAML-style dicts.
+
+    Each spec is ``{class_path: ..., init_args: {...}}``, the form of a trainer callback in a config.
+    """
+    from ..rewards.callback import import_object
+
+    specs = DEFAULT_REWARDS if specs is None else specs
+    if not specs:
+        raise ValueError("no reward callbacks given")
+    out = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or "class_path" not in spec:
+            raise ValueError(f"rewards[{i}] must be a dict with a 'class_path', got {spec!r}")
+        cls = import_object(spec["class_path"])
+        cb = cls(**dict(spec.get("init_args") or {}))
+        if not all(hasattr(cb, a) for a in ("score", "name", "weight")):
+            raise TypeError(f"rewards[{i}] ({spec['class_path']}) has no score/name/weight")
+        out.append(cb)
+    names = [cb.name for cb in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"reward names must be distinct, got {names}")
+    return out
+
+
+def load_records(data: str, limit: int = 0, strict: bool = True) -> list[dict]:
+    """Validated records of a JSONL file (images made absolute), the first ``limit`` if > 0."""
+    from ..data.records import read_records
+
+    records, _ = read_records(data, strict=strict)
+    return records[:limit] if limit else records
+
+
+def output_record(rec: dict, out_dir: str | Path) -> dict:
+    """``rec`` ready to write into ``out_dir``: no internal keys, image paths relative to that folder
+    when the images lie under it (so data and images move together), else absolute."""
+    images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
+    rel = []
+    for p in images:
+        r = os.path.relpath(os.path.abspath(p), os.path.abspath(out_dir))
+        rel.append(os.path.abspath(p) if r.startswith("..") else r)
+    out = {k: v for k, v in rec.items() if k not in _INTERNAL}
+    was_list = isinstance(rec.get("image_rel", rec["image"]), list)
+    out["image"] = rel if was_list else rel[0]
+    return out
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """Completion texts with special tokens kept (``<think>`` is one in the tiny tokenizer), cut at EOS
+    and not stripped, so that tokenizing a text again gives back the sampled tokens.
+
+    The engine's own ``completions`` drop special tokens, which would erase the R1 template's tags.
+    """
+    from ..modules.common import clean_completion
+
+    out = []
+    for ids, mask in zip(completion_ids, completion_mask):  # [C], [C]
+        text = tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=False)
+        out.append(clean_completion(text, tokenizer))
+    return out
+
+
+class Progress:
+    """Prints ``done/total``, the rate and the time left every ``every`` batches (and at the end)."""
+
+    def __init__(self, name: str, total: int, every: int = 5):
+        self.name, self.total, self.every = name, total, max(1, every)
+        self.t0 = time.perf_counter()
+        self.batches = 0
+
+    def update(self, done: int) -> None:
+        self.batches += 1
+        if self.batches % self.every and done < self.total:
+            return
+        dt = time.perf_counter() - self.t0
+        rate = done / max(dt, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        print(f"{self.name}: {done}/{self.total} prompts, {rate:.1f} prompts/s, {dt:.0f}s elapsed, ~{eta:.0f}s left",
+              flush=True)
+
+
+def sample_groups(
+    module,
+    records: list[dict],
+    num_samples: int,
+    callbacks: list,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 24,
+    reward_mode: str = "weighted",
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: str | None = "sampling",
+    progress_every: int = 5,
+) -> Iterator[SampledGroup]:
+    """Sample ``num_samples`` completions per record and score them; yields one group per record.
+
+    Args:
+        module: a ``PolicyModule`` (``load_policy_module``).
+        records: records from ``read_records`` (absolute image paths).
+        callbacks: reward callbacks (``build_reward_callbacks``), scored in this order.
+        reward_mode: how ``combine_rewards`` combines the columns (``weighted``, ``sum``, ``gate``).
+        batch_size: prompts per ``generate`` call (``batch_size * num_samples`` sequences).
+        seed: seeds the sampling; the same seed and batch size give the same samples.
+        progress: a name to print progress under; None prints nothing.
+    """
+    from ..data.collate import PromptCollator
+    from ..rewards.combine import combine_rewards
+    from ..rollout.hf_engine import HFGenerateEngine
+
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    engine = HFGenerateEngine(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              record_logprobs=False)
+    collate = PromptCollator(module.processor)
+    tok = module.tokenizer
+    weights = {cb.name: cb.weight for cb in callbacks}
+    groups = {cb.name: cb.group for cb in callbacks if getattr(cb, "group", None)}
+    torch.manual_seed(seed)
+    bar = Progress(progress, len(records), progress_every) if progress else None
+    G = num_samples
+    for start in range(0, len(records), batch_size):
+        recs = records[start : start + batch_size]
+        rollouts = engine.generate(module, collate(recs), G)
+        rollouts.completions = decode_completions(tok, rollouts.completion_ids, rollouts.completion_mask)
+        for cb in callbacks:
+            rollouts.rewards[cb.name] = cb.score(rollouts)
+        reward = combine_rewards(rollouts.rewards, weights, mode=reward_mode, groups=groups)  # [B*G]
+        truncated = rollouts.truncated.tolist()
+        for b, rec in enumerate(recs):
+            sl = slice(b * G, (b + 1) * G)
+            yield SampledGroup(
+                record=rec,
+                completions=rollouts.completions[sl],
+                rewards={k: v[sl].tolist() for k, v in rollouts.rewards.items()},
+                reward=reward[sl].tolist(),
+                truncated=truncated[sl],
+            )
+        if bar:
+            bar.update(start + len(recs))
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def write_report(path: str | Path, report: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def default_report_path(out: str | Path) -> Path:
+    """``data/tiny/pairs.jsonl`` -> ``data/tiny/pairs.report.json``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".report.json")
