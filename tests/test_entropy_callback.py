@@ -14,6 +14,15 @@ from lightning_r1v2.rewards import RewardCallback, accuracy_reward, format_rewar
 from lightning_r1v2.rollout import HFGenerateEngine
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared CPU two threads made these tests 5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_entropy_uniform_and_one_hot():
     V = 4
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0],  # uniform over V=4: H = ln 4
@@ -66,11 +75,11 @@ def test_measure_is_finite_seeded_and_leaves_the_rng(tiny_data):
     assert 0 < a["entropy/mean"] <= math.log(len(m.tokenizer)) + 1e-4
     assert 0.0 <= a["entropy/high_share"] <= 1.0
     assert cb.measure(m) == a  # same weights, same seed: the same numbers
-    # without </think> and with words a random model never says: NaN, count 0
+    # without </think> and with a token the engine never samples (the image placeholder): NaN, count 0
     none = CriticalTokenEntropy(data_file=str(tiny_data / "val.jsonl"), num_prompts=2, max_new_tokens=8,
-                                tokens=["Alternatively"], include_think_end=False, seed=1).measure(m)
-    if none["entropy/critical_count"] == 0:
-        assert math.isnan(none["entropy/critical_mean"])
+                                tokens=["<IMG_CONTEXT>"], include_think_end=False).measure(m)
+    assert none["entropy/critical_count"] == 0 and math.isnan(none["entropy/critical_mean"])
+    assert math.isfinite(none["entropy/mean"])
 
 
 def test_grpo_fit_selects_checkpoints_by_critical_entropy(tiny_data, tmp_path):
@@ -98,7 +107,25 @@ def test_grpo_fit_selects_checkpoints_by_critical_entropy(tiny_data, tmp_path):
     best = max(st["entropy/critical_mean"] for _, st in ent.history)
     assert float(ckpt.best_model_score) == pytest.approx(best, abs=1e-5)
     assert "entropy/critical_mean" in trainer.callback_metrics
+    saved = torch.load(ckpt.best_model_path, weights_only=False)["callbacks"][ent.state_key]  # resumable state
+    assert [s for s, _ in saved["history"]][0] == 1
     # the loggers got every measurement even though log_every_n_steps is 50
     with (tmp_path / "logs" / "version_0" / "metrics.csv").open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("entropy/critical_mean")]
     assert [int(r["step"]) for r in rows][:3] == [1, 2, 3]
+
+
+def test_validate_logs_and_measures_each_checkpoint_afresh(tiny_data):
+    m = SFTModule(seed=0)
+    dm = R1V2DataModule(train_file=str(tiny_data / "train.jsonl"), val_file=str(tiny_data / "val.jsonl"),
+                        kind="prompts", max_val_records=2)
+    ent = CriticalTokenEntropy(data_file=str(tiny_data / "val.jsonl"), num_prompts=4, max_new_tokens=16)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ent])
+    first = trainer.validate(m, dm, verbose=False)[0]
+    assert {"entropy/critical_mean", "entropy/critical_count", "entropy/mean", "entropy/high_share"} <= set(first)
+    assert first["entropy/mean"] == pytest.approx(ent.last_stats["entropy/mean"])
+    with torch.no_grad():  # another "checkpoint" at the same global step: measured again, not reused
+        m.model.get_output_embeddings().weight.mul_(3.0)
+    second = trainer.validate(m, dm, verbose=False)[0]
+    assert second["entropy/mean"] != pytest.approx(first["entropy/mean"])

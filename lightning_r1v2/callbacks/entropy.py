@@ -205,7 +205,7 @@ class CriticalTokenEntropy(Callback):
         self._records: list[dict] | None = None
         self._critical: set[int] | None = None
         self._last_step = 0
-        self._cache: tuple[int, dict] | None = None  # (global step, stats) of the last measurement
+        self._cache: tuple[tuple, dict] | None = None  # ((trainer id, step), stats) measured during fit
         self.last_stats: dict[str, float] = {}
         self.history: list[tuple[int, dict]] = []
 
@@ -225,7 +225,7 @@ class CriticalTokenEntropy(Callback):
         if self._critical is None:
             self._critical, unmatched = critical_token_ids(tokenizer, self.tokens, self.include_think_end)
             if unmatched:
-                log.warning("critical tokens that are not single tokens of this tokenizer (never matched): %s", unmatched)
+                log.warning("critical tokens that are not one token of this tokenizer (never matched): %s", unmatched)
         return self._critical
 
     @torch.no_grad()
@@ -258,12 +258,14 @@ class CriticalTokenEntropy(Callback):
         nxt = torch.cat([F.pad(n, (0, C - n.shape[1])) for n in nexts])  # [N, C]
         mask = torch.cat([F.pad(m, (0, C - m.shape[1])) for m in masks]).bool()  # [N, C]
         value, count = critical_entropy(ent, nxt, mask, critical, self.aggregation)
-        n_tok = int(mask.sum())
+        tokens = ent[mask]  # [n_tokens] every completion token
+        high = (tokens > self.high_entropy_threshold).float()  # [n_tokens]
+        empty = tokens.numel() == 0
         return {
             "entropy/critical_mean": value,
             "entropy/critical_count": float(count),
-            "entropy/mean": float(ent[mask].mean()) if n_tok else float("nan"),
-            "entropy/high_share": float((ent[mask] > self.high_entropy_threshold).float().mean()) if n_tok else float("nan"),
+            "entropy/mean": float("nan") if empty else float(tokens.mean()),
+            "entropy/high_share": float("nan") if empty else float(high.mean()),
         }
 
     def _entropies(self, model, rows, blocked: list[int]) -> Tensor:
@@ -284,11 +286,14 @@ class CriticalTokenEntropy(Callback):
         return entropy_from_logits(logits)  # [n, C]
 
     def _stats(self, trainer, pl_module) -> dict[str, float]:
-        step = int(trainer.global_step)
-        if self._cache is not None and self._cache[0] == step:
-            return self._cache[1]  # same weights, same seed: same numbers
+        # within one fit, a validation at the step just measured has the same weights and seed: reuse
+        key = (id(trainer), int(trainer.global_step))
+        fitting = trainer.state.fn == "fit"
+        if fitting and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
         stats = self.measure(pl_module)
-        self._cache = (step, stats)
+        self._cache = (key, stats) if fitting else None
+        step = key[1]
         self.last_stats = stats
         self.history.append((step, stats))
         return stats
@@ -320,9 +325,13 @@ class CriticalTokenEntropy(Callback):
         for k, v in stats.items():
             pl_module.log(k, v, on_step=False, on_epoch=True, batch_size=1)
 
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        return self._generate_state_key(data_file=self.data_file, num_prompts=self.num_prompts, seed=self.seed)
+
     def state_dict(self) -> dict:
-        return {"last_step": self._last_step, "history": self.history}
+        """The measurements so far (``history``), so a resumed run keeps them."""
+        return {"history": self.history}
 
     def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
-        self._last_step = int(state_dict.get("last_step", 0))
         self.history = list(state_dict.get("history", []))

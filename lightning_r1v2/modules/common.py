@@ -10,6 +10,7 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from ..models.loading import load_policy, set_trainable
+from ..utils.checkpoint import rng_state, set_rng_state
 
 log = logging.getLogger("lightning_r1v2.modules")
 
@@ -86,6 +87,17 @@ class PolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         cls = type(self)
         checkpoint["r1v2_module_class"] = f"{cls.__module__}.{cls.__qualname__}"
+        checkpoint["r1v2_rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint):
+        # restored when training restarts, after Lightning's own seeding and set-up
+        self._pending_rng_state = checkpoint.get("r1v2_rng_state")
+
+    def on_train_start(self):
+        state = getattr(self, "_pending_rng_state", None)
+        if state is not None:
+            set_rng_state(state)
+            self._pending_rng_state = None
 
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self):

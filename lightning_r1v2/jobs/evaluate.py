@@ -1,0 +1,106 @@
+"""``cli.py evaluate``: a checkpoint's held-out accuracy, format and hallucination rates.
+
+Batched greedy generation over a JSONL of records; accuracy per question type; the
+majority-answer baseline (the most common answer of each question type in a reference split,
+by default the training file next to ``data``) for comparison.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from ..callbacks.hallucination import rates as hallucination_rates
+from ..data.collate import PromptCollator
+from ..data.records import read_records
+from ..modules.common import clean_completion
+from ..rewards import accuracy_reward, format_reward
+
+
+def majority_baseline(eval_records: list[dict], reference_records: list[dict]) -> float:
+    """Accuracy of always answering the most common answer of the record's question type."""
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    for r in reference_records:
+        by_type[r.get("type", "all")][r["answer"]] += 1
+    hits = 0
+    for r in eval_records:
+        common = by_type.get(r.get("type", "all"))
+        hits += bool(common) and common.most_common(1)[0][0] == r["answer"]
+    return hits / max(1, len(eval_records))
+
+
+@torch.no_grad()
+def evaluate_module(module, records: list[dict], batch_size: int = 100, max_new_tokens: int = 32) -> dict:
+    """Greedy-decode every record with ``module``'s policy; return the metrics and completions."""
+    module.eval()
+    collate = PromptCollator(module.processor)
+    texts: list[str] = []
+    for i in range(0, len(records), batch_size):
+        batch = collate(records[i : i + batch_size])
+        out = module.generate(batch, max_new_tokens)
+        texts += [clean_completion(t, module.tokenizer) for t in out]
+    acc = accuracy_reward(texts, answer=[r["answer"] for r in records], choices=[r.get("choices") for r in records])
+    fmt = format_reward(texts)
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for r, a in zip(records, acc):
+        by_type[r.get("type", "all")].append(float(a or 0.0))
+    hall = hallucination_rates(texts, records)
+    return {
+        "accuracy": sum(float(a or 0.0) for a in acc) / len(records),
+        "format": sum(float(f or 0.0) for f in fmt) / len(records),
+        "hallucination": hall["contradiction_rate"],
+        "claim_error_rate": hall["claim_error_rate"],
+        "denial_rate": hall["denial_rate"],
+        "accuracy_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        "n": len(records),
+        "completions": texts,
+    }
+
+
+def evaluate(
+    ckpt_path: str,
+    data: str = "data/tiny/val.jsonl",
+    reference: str | None = None,
+    out: str | None = None,
+    batch_size: int = 100,
+    max_new_tokens: int = 32,
+    limit: int = 0,
+) -> dict:
+    """Evaluate a checkpoint on held-out records and print the metrics.
+
+    Args:
+        ckpt_path: A ``.ckpt`` written by ``cli.py fit`` (any stage), or ``tiny`` for a random init.
+        data: JSONL of held-out records.
+        reference: JSONL whose answers define the majority baseline (default: ``train.jsonl``
+            beside ``data``, if present).
+        out: Write the metrics (and completions) as JSON here.
+        batch_size: Records per generation batch.
+        max_new_tokens: Generation length.
+        limit: Evaluate only the first N records (0: all).
+    """
+    from .export import load_module
+
+    t0 = time.perf_counter()
+    if ckpt_path == "tiny":
+        from ..modules.common import PolicyModule
+
+        module = PolicyModule()
+    else:
+        module = load_module(ckpt_path)
+    records, _ = read_records(data)
+    if limit:
+        records = records[:limit]
+    metrics = evaluate_module(module, records, batch_size, max_new_tokens)
+    ref_path = Path(reference) if reference else Path(data).with_name("train.jsonl")
+    if ref_path.exists():
+        metrics["majority_baseline"] = majority_baseline(records, read_records(ref_path, check_images=False)[0])
+    metrics["seconds"] = time.perf_counter() - t0
+    summary = {k: v for k, v in metrics.items() if k != "completions"}
+    print(json.dumps(summary, indent=2))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(metrics, indent=2))
+    return summary

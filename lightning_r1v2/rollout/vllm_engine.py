@@ -1,0 +1,401 @@
+"""A colocated vLLM rollout engine: one ``vllm.LLM`` per training rank, weights pushed in place.
+
+Written against vLLM 0.11.x (V1 engine; ``pip install 'lightning-r1v2[vllm]'``). ``vllm`` is
+imported lazily inside methods only: importing this module, or parsing a YAML that names
+``lightning_r1v2.rollout.vllm_engine.VLLMEngine``, never imports vLLM.
+
+Same contract as ``HFGenerateEngine``: ``generate(module, batch, group_size) -> Rollouts``; the
+sampling settings have the same names, so a YAML ``engine`` block switches engines by changing
+only ``class_path``. One step, as calls to vLLM:
+
+  wake_up (weights) -> [push weights: load_weights, reset_prefix_cache] -> wake_up (kv_cache)
+  -> generate -> sleep(level=1)
+
+so the vLLM weights and KV cache leave the GPU while the policy trains (``enable_sleep_mode``).
+Weights are pushed before the first generation (the policy may come from ``init_ckpt``, not from
+``model_path``), then every ``sync_weights_every`` optimizer steps, the trainable parameters only.
+
+How it maps onto vLLM (0.11.x):
+- Colocation as TRL's ``vllm_mode="colocate"``: ``distributed_executor_backend="external_launcher"``
+  when the world size is > 1, which reuses the launcher's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``;
+  vLLM's tensor-parallel groups are blocks of ``tensor_parallel_size`` consecutive ranks, whose
+  members must submit identical requests, so prompts are all-gathered within the block and each
+  rank keeps its own rows. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in the
+  training process, so weights are handed over as tensors, never serialised.
+- Prompts are ``{"prompt": chat-template text, "multi_modal_data": {"image": PIL or [PIL]}}``; one
+  request per prompt with ``SamplingParams(n=G)``.
+- Old log-probs: ``logprobs=0`` returns the sampled token's log-prob; ``logprobs_mode=
+  "processed_logprobs"`` makes it the log-prob after token blocking and temperature, the
+  distribution ``GRPOModule.sequence_logprobs`` scores (with ``top_p=1``, ``top_k=0``; vLLM's
+  processed log-probs also include top-p/top-k truncation, which the training forward does not).
+- Image placeholders and padding are forbidden by ``bad_words`` (``blocked_token_ids``), as the HF
+  engine's ``suppress_tokens``.
+- Weight names: vLLM's ``model.load_weights(iterable of (name, tensor))`` takes checkpoint names
+  and applies its own renames and fusions (``hf_to_vllm_mapper``, q/k/v -> qkv_proj). The policy is
+  loaded with transformers from the same folder, so its ``named_parameters()`` names are that
+  folder's checkpoint names (transformers >= 5 ``InternVLForConditionalGeneration``:
+  ``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``model.language_model.*``,
+  ``lm_head.weight``), which vLLM's HF-layout InternVL loader accepts. No renaming is done by
+  default; ``weight_name_map`` renames prefixes when the vLLM folder uses another layout.
+
+Departures from TRL, and why:
+- The first push happens before the first rollout (TRL syncs only after an update), because the
+  policy may start from an earlier stage's checkpoint that the vLLM folder does not hold.
+- Prompt token ids from vLLM are checked against the processor's: the training forward pairs the
+  processor's ``pixel_values`` with the prompt, so a different image-token count would otherwise
+  fail later as "image features and image tokens do not match" (EasyR1 110, verl 3469).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+
+import torch
+
+from ..data.collate import load_images, prompt_text
+from .hf_engine import HFGenerateEngine, blocked_token_ids, completion_mask_from_eos, decode_completions
+from .types import Rollouts
+
+log = logging.getLogger("lightning_r1v2.rollout")
+
+INSTALL_HINT = "pip install 'lightning-r1v2[vllm]'"
+
+
+def import_vllm():
+    """``vllm``, or an ImportError that names the extra to install."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            f"VLLMEngine needs vLLM (GPU only), which is not installed: {INSTALL_HINT}. "
+            "The default engine, lightning_r1v2.rollout.HFGenerateEngine, needs nothing extra."
+        ) from e
+    return vllm
+
+
+class VLLMEngine(HFGenerateEngine):
+    """Samples completions with a colocated vLLM engine (GPU only).
+
+    A subclass of ``HFGenerateEngine`` so that it fits wherever an engine is typed as one
+    (``GRPOModule(engine=...)``); it shares the sampling settings and their validation.
+
+    Args:
+        max_new_tokens: Longest completion (R1V1: 8K; R1V3: 4K -> 8K).
+        temperature: Sampling temperature (R1V1: 1.0).
+        top_p: Nucleus sampling mass (1.0: off; keep it off for exact old log-probs).
+        top_k: Top-k sampling (0: off).
+        model_path: The folder vLLM loads (HF layout); None = the module's ``model`` folder.
+        gpu_memory_utilization: Share of each GPU's memory vLLM may take (weights + KV cache).
+        tensor_parallel_size: GPUs per vLLM instance; consecutive ranks form one instance.
+        enable_sleep_mode: Release vLLM's GPU memory while the policy trains (sleep level 1).
+        max_model_len: Prompt + completion tokens per sequence (None: the model's own limit).
+        dtype: Weights' dtype inside vLLM.
+        sync_weights_every: Push the policy's weights every N optimizer steps (1: on-policy).
+        max_images_per_prompt: vLLM's ``limit_mm_per_prompt`` for images.
+        weight_name_map: Prefix renames applied to parameter names before ``load_weights``
+            (first matching prefix wins), e.g. ``{"model.language_model.": "language_model.model."}``.
+        seed: Base sampling seed; each tensor-parallel block adds its index.
+        llm_kwargs: Extra keyword arguments for ``vllm.LLM`` (e.g. ``max_num_seqs``).
+    """
+
+    def __init__(
+        self,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        model_path: str | None = None,
+        gpu_memory_utilization: float = 0.3,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = True,
+        max_model_len: int | None = None,
+        dtype: str = "bfloat16",
+        sync_weights_every: int = 1,
+        max_images_per_prompt: int = 1,
+        weight_name_map: dict[str, str] | None = None,
+        seed: int = 0,
+        llm_kwargs: dict | None = None,
+    ):
+        super().__init__(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if tensor_parallel_size < 1 or sync_weights_every < 1:
+            raise ValueError("tensor_parallel_size and sync_weights_every must be >= 1")
+        self.model_path = model_path
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enable_sleep_mode = enable_sleep_mode
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.sync_weights_every = sync_weights_every
+        self.max_images_per_prompt = max_images_per_prompt
+        self.weight_name_map = dict(weight_name_map or {})
+        self.seed = seed
+        self.llm_kwargs = dict(llm_kwargs or {})
+        self.llm = None
+        self._tp_group = None
+        self._synced_step: int | None = None  # module.global_step at the last push
+        self._sleeping = False
+
+    # ------------------------------------------------------------- building
+    def _build(self, module):
+        vllm = import_vllm()
+        path = self.model_path or getattr(module, "model_name", None)
+        if not path or path == "tiny" or not os.path.isdir(path):
+            raise ValueError(
+                f"VLLMEngine loads a checkpoint folder, got {path!r}: set engine.init_args.model_path, or the "
+                "module's model, to a local HF-layout folder (cli.py export writes one from a .ckpt)"
+            )
+        trainer = getattr(module, "_trainer", None)
+        world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        rank = getattr(trainer, "global_rank", 0) if trainer is not None else 0
+        tp = self.tensor_parallel_size
+        if world % tp:
+            raise ValueError(f"world size {world} is not a multiple of tensor_parallel_size {tp}")
+        # The engine core runs in this process: weights are handed over as tensors (vLLM V1).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        kwargs = dict(
+            model=path,
+            tokenizer=path,
+            dtype=self.dtype,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            tensor_parallel_size=tp,
+            enable_sleep_mode=self.enable_sleep_mode,
+            max_model_len=self.max_model_len,
+            limit_mm_per_prompt={"image": self.max_images_per_prompt},
+            logprobs_mode="processed_logprobs",
+            seed=self.seed + rank // tp,  # identical within a tensor-parallel block
+        )
+        if world > 1:
+            # vLLM joins the launcher's process group (torchrun / srun through Lightning).
+            os.environ.setdefault("RANK", str(rank))
+            os.environ.setdefault("LOCAL_RANK", str(getattr(trainer, "local_rank", 0)))
+            os.environ.setdefault("WORLD_SIZE", str(world))
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            if tp > 1:
+                self._tp_group = _tp_subgroup(world, tp)
+        kwargs.update(self.llm_kwargs)
+        log.info("building vLLM engine on %s (tp=%d, world=%d)", path, tp, world)
+        self.llm = vllm.LLM(**kwargs)
+        return self.llm
+
+    def sampling_params(self, group_size: int, tokenizer):
+        """The ``vllm.SamplingParams`` of one request: ``n = group_size`` samples of a prompt."""
+        vllm = import_vllm()
+        blocked = blocked_token_ids(tokenizer)
+        return vllm.SamplingParams(
+            n=group_size,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k if self.top_k > 0 else -1,  # vLLM: -1 (or 0 in recent versions) = off
+            max_tokens=self.max_new_tokens,
+            logprobs=0,  # the sampled token's log-prob only
+            stop_token_ids=[tokenizer.eos_token_id],
+            bad_words=tokenizer.convert_ids_to_tokens(blocked) if blocked else None,
+        )
+
+    # ------------------------------------------------------------- sleeping
+    def _wake(self, tag: str):
+        """Wake vLLM's ``tag`` part (``weights`` or ``kv_cache``); all of it where tags are unsupported."""
+        if not self._sleeping or not hasattr(self.llm, "wake_up"):
+            return
+        if "tags" in inspect.signature(self.llm.wake_up).parameters:
+            self.llm.wake_up(tags=[tag])  # weights first: no KV cache on the GPU while gathering
+            self._sleeping = tag != "kv_cache"
+        else:
+            self.llm.wake_up()
+            self._sleeping = False
+
+    def _sleep(self):
+        if self.enable_sleep_mode and hasattr(self.llm, "sleep"):
+            self.llm.sleep(level=1)  # weights to CPU, KV cache dropped
+            self._sleeping = True
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    # -------------------------------------------------------- weight pushing
+    def _sync_due(self, module) -> bool:
+        step = int(getattr(module, "global_step", 0))
+        return self._synced_step is None or step - self._synced_step >= self.sync_weights_every
+
+    @torch.no_grad()
+    def push_weights(self, module, trainable_only: bool | None = None) -> int:
+        """Copy the policy's parameters into vLLM; returns how many tensors were pushed.
+
+        The first push sends every parameter; later ones only those that train
+        (``requires_grad``): frozen parts cannot have changed, and sleep level 1 keeps vLLM's copy
+        of them in CPU memory. With ``trainable: [connector]`` (R1V2) a push is a few MB, not 76 GB.
+
+        Under ZeRO-3 each submodule's own parameters are gathered together and released before
+        the next, so at most one submodule is whole on a GPU at a time (every rank runs the same
+        sequence of gathers: they are collectives).
+        """
+        if trainable_only is None:
+            trainable_only = self._synced_step is not None
+        zero3 = _zero3_enabled(module)
+        if zero3:
+            import deepspeed
+        model = module.model
+        seen: set[int] = set()
+        pushed = 0
+        for prefix, sub in model.named_modules():
+            own = [(n, p) for n, p in sub.named_parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for _, p in own)
+            if trainable_only:
+                own = [(n, p) for n, p in own if p.requires_grad]
+            if not own:
+                continue
+            names = [f"{prefix}.{n}" if prefix else n for n, _ in own]
+            params = [p for _, p in own]
+            if zero3:
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                    self._load_weights([(self._vllm_name(n), p.data) for n, p in zip(names, params)])
+            else:
+                self._load_weights([(self._vllm_name(n), p.data) for n, p in zip(names, params)])
+            pushed += len(params)
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._synced_step = int(getattr(module, "global_step", 0))
+        return pushed
+
+    def _vllm_name(self, name: str) -> str:
+        for old, new in self.weight_name_map.items():
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    def _load_weights(self, weights: list[tuple[str, torch.Tensor]]):
+        executor = getattr(getattr(self.llm, "llm_engine", None), "model_executor", None)
+        if executor is not None:  # in-process engine: the model object itself
+            executor.driver_worker.model_runner.model.load_weights(weights=weights)
+        else:  # a multiprocess engine core: run it on the worker(s)
+            self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+
+    # ------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, module, batch: dict, group_size: int) -> Rollouts:
+        """``G`` samples for each prompt of ``batch`` (a ``PromptCollator`` batch)."""
+        G = group_size
+        tok = module.tokenizer
+        if self.llm is None:
+            self._build(module)
+        self._wake("weights")
+        if self._sync_due(module):
+            n = self.push_weights(module)
+            log.debug("pushed %d tensors to vLLM at step %d", n, self._synced_step)
+        self._wake("kv_cache")
+
+        records = batch["records"]
+        own = len(records)
+        all_records, offset = self._gather_tp(records)
+        prompts = [_mm_prompt(module.processor, r) for r in all_records]
+        outs = self.llm.generate(prompts, self.sampling_params(G, tok), use_tqdm=False)
+        outs = outs[offset: offset + own]
+        self._sleep()
+        return self._rollouts(outs, batch, G, tok)
+
+    def _gather_tp(self, records: list[dict]) -> tuple[list[dict], int]:
+        """Every record of this tensor-parallel block, and where this rank's start."""
+        if self._tp_group is None:
+            return records, 0
+        import torch.distributed as dist
+
+        parts: list = [None] * dist.get_world_size(self._tp_group)
+        dist.all_gather_object(parts, records, group=self._tp_group)
+        me = dist.get_rank(self._tp_group)
+        return [r for p in parts for r in p], sum(len(p) for p in parts[:me])
+
+    def _rollouts(self, outs, batch: dict, G: int, tok) -> Rollouts:
+        pad, eos = tok.pad_token_id, tok.eos_token_id
+        prompt_rows, comp_rows, lp_rows, truncated = [], [], [], []
+        for i, out in enumerate(outs):
+            ids = list(out.prompt_token_ids) if getattr(out, "prompt_token_ids", None) is not None else None
+            ref = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+            if ids is None:
+                ids = ref
+            elif ids != ref:
+                raise ValueError(
+                    f"vLLM's prompt ({len(ids)} tokens) differs from the processor's ({len(ref)} tokens) for record "
+                    f"{batch['records'][i].get('id')!r}: the training forward would not see what was sampled. "
+                    "Make vLLM's image processing match the processor's (tiles, image size) or use HFGenerateEngine."
+                )
+            if len(out.outputs) != G:
+                raise ValueError(f"vLLM returned {len(out.outputs)} samples for a prompt, expected {G}")
+            for o in out.outputs:
+                prompt_rows.append(ids)
+                toks = list(o.token_ids)
+                comp_rows.append(toks)
+                lp_rows.append(_sampled_logprobs(o, toks))
+                reason = getattr(o, "finish_reason", None)
+                truncated.append(reason == "length" if reason is not None else eos not in toks)
+        P = max(len(r) for r in prompt_rows)
+        C = max(1, max(len(r) for r in comp_rows))
+        prompt_ids = torch.tensor([[pad] * (P - len(r)) + r for r in prompt_rows], dtype=torch.long)  # [N, P]
+        prompt_mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in prompt_rows], dtype=torch.long)
+        completion_ids = torch.tensor([r + [pad] * (C - len(r)) for r in comp_rows], dtype=torch.long)  # [N, C]
+        old_logprobs = torch.tensor([r + [0.0] * (C - len(r)) for r in lp_rows], dtype=torch.float32)  # [N, C]
+        completion_mask, _ = completion_mask_from_eos(completion_ids, eos)
+        lengths = torch.tensor([len(r) for r in comp_rows])  # [N]
+        completion_mask = completion_mask * (torch.arange(C)[None, :] < lengths[:, None]).long()  # [N, C]
+        old_logprobs = old_logprobs.masked_fill(completion_mask == 0, 0.0)
+        texts = decode_completions(tok, completion_ids, completion_mask)
+        records = [r for r in batch["records"] for _ in range(G)]
+        return Rollouts(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            pixel_values=batch["pixel_values"].repeat_interleave(G, dim=0),  # [N, 3, H, W] as the HF engine
+            completions=texts,
+            records=records,
+            group_ids=torch.arange(len(batch["records"])).repeat_interleave(G),  # [N]
+            group_size=G,
+            old_logprobs=old_logprobs,
+            truncated=torch.tensor(truncated, dtype=torch.bool),
+        )
+
+
+def _mm_prompt(processor, record: dict) -> dict:
+    """vLLM's multimodal prompt: chat-template text plus the record's PIL images."""
+    images = load_images(record)
+    return {
+        "prompt": prompt_text(processor, record),
+        "multi_modal_data": {"image": images[0] if len(images) == 1 else images},
+    }
+
+
+def _sampled_logprobs(output, token_ids: list[int]) -> list[float]:
+    """Log-prob of each sampled token from ``CompletionOutput.logprobs`` (one mapping per position)."""
+    lps = getattr(output, "logprobs", None)
+    if lps is None:
+        raise ValueError("vLLM returned no log-probs; SamplingParams(logprobs=0) must be set")
+    out = []
+    for t, entry in zip(token_ids, lps):
+        v = entry[t]
+        out.append(float(getattr(v, "logprob", v)))
+    return out
+
+
+def _load_weights_on_worker(worker, weights):
+    """Run by vLLM's ``collective_rpc`` on each worker (multiprocess engines)."""
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+def _zero3_enabled(module) -> bool:
+    strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+    if strategy is None or type(strategy).__name__ != "DeepSpeedStrategy":
+        return False
+    cfg = getattr(strategy, "config", None) or {}
+    return cfg.get("zero_optimization", {}).get("stage") == 3
+
+
+def _tp_subgroup(world: int, tp: int):
+    """This rank's block of ``tp`` consecutive ranks (vLLM's tensor-parallel layout)."""
+    import torch.distributed as dist
+
+    group, _ = dist.new_subgroups_by_enumeration([list(range(i, i + tp)) for i in range(0, world, tp)])
+    return group
+
+
+__all__ = ["VLLMEngine", "import_vllm", "INSTALL_HINT"]

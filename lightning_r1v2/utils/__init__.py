@@ -1,0 +1,1 @@
+"""Plumbing shared by the stages: checkpoint I/O, RNG state, interrupts."""

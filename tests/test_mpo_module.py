@@ -1,0 +1,135 @@
+"""MPOModule: log-probs of the joint forward pass, both references, delta and its checkpointing, a short fit."""
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_r1v2.data.collate import SFTCollator
+from lightning_r1v2.data.pairs import PairCollator, PreferenceDataModule, read_pairs
+from lightning_r1v2.data.records import read_records
+from lightning_r1v2.losses import shift_for_causal_lm, token_logprobs
+from lightning_r1v2.modules import MPOModule
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tiny_data):
+    """8 pairs: the reference response vs. a wrong answer of a different length."""
+    records, _ = read_records(tiny_data / "train.jsonl")
+    path = tiny_data / "mpo_pairs.jsonl"
+    with path.open("w") as f:
+        for i, rec in enumerate(records[:8]):
+            row = {k: rec[k] for k in ("id", "question", "answer")}
+            row.update(image=rec["image_rel"], pair_id=f"{rec['id']}/0", chosen=rec["response"],
+                       rejected="<think> red " + "9 " * (i % 3) + "</think> \\boxed{9}")
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _separate_logps(module, records, key, processor):
+    """Sum of response-token log-probs, each response in its own SFT-style batch (independent padding)."""
+    batch = SFTCollator(processor)([dict(r, response=r[key]) for r in records])
+    am = batch["attention_mask"]
+    out = module.model(input_ids=batch["input_ids"], attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
+                       pixel_values=batch["pixel_values"])
+    logits, labels = shift_for_causal_lm(out.logits, batch["labels"])
+    return (token_logprobs(logits, labels) * (labels != -100)).sum(-1)
+
+
+def test_one_forward_for_chosen_and_rejected_equals_two(pairs_file, processor):
+    torch.manual_seed(0)
+    m = MPOModule(reference="model").eval()
+    pairs, _ = read_pairs(pairs_file)
+    batch = PairCollator(m.processor)(pairs[:4])
+    with torch.no_grad():
+        joint, n_tok = m.response_logprobs(m.model, batch)  # [8]
+        chosen = _separate_logps(m, pairs[:4], "chosen", processor)
+        rejected = _separate_logps(m, pairs[:4], "rejected", processor)
+    assert torch.allclose(joint[:4], chosen, atol=1e-4) and torch.allclose(joint[4:], rejected, atol=1e-4)
+    tok = processor.tokenizer
+    assert n_tok[:4].tolist() == [len(tok(p["chosen"], add_special_tokens=False)["input_ids"]) + 1 for p in pairs[:4]]
+
+
+def test_precomputed_reference_equals_the_model_reference(pairs_file):
+    torch.manual_seed(0)
+    by_model = MPOModule(reference="model", seed=1)
+    pre = MPOModule(reference="precomputed", seed=1, ref_batch_size=3)  # other batching, other padding
+    assert pre.ref_model is None and by_model.ref_model is not None
+    assert not any(p.requires_grad for p in by_model.ref_model.parameters())
+    pairs, _ = read_pairs(pairs_file)
+    collate = PairCollator(pre.processor)
+    assert pre.precompute_reference(pairs, collate) == 8
+    assert pre.precompute_reference(pairs, collate) == 0  # computed once
+    batch = collate(pairs[2:7])
+    rc_m, rr_m = by_model.reference_logprobs(batch)
+    rc_p, rr_p = pre.reference_logprobs(batch)
+    assert torch.allclose(rc_m, rc_p, atol=1e-4) and torch.allclose(rr_m, rr_p, atol=1e-4)
+
+
+def _trainer(tmp_path, steps, **kw):
+    return L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
+        enable_checkpointing=False, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, **kw,
+    )
+
+
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+def test_fit_three_steps_logs_terms_and_delta_survives_a_checkpoint(pairs_file, tiny_data, tmp_path, reference):
+    torch.manual_seed(0)
+    m = MPOModule(reference=reference, lr=1e-3, warmup_ratio=0.0, eval_max_new_tokens=4)
+    dm = PreferenceDataModule(train_file=str(pairs_file), val_file=str(tiny_data / "val.jsonl"), batch_size=2,
+                              max_val_records=4, eval_batch_size=4)
+    before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    trainer = _trainer(tmp_path, 3, val_check_interval=3)
+    trainer.fit(m, dm)
+    metrics = trainer.logged_metrics
+    for key in ("train/loss", "train/loss/pref", "train/loss/qual", "train/loss/gen", "train/delta",
+                "train/rewards/accuracy", "train/rewards/margin", "train/rewards/chosen", "train/rewards/rejected",
+                "train/logps/chosen", "train/logps/rejected", "train/lr", "val/accuracy", "val/format"):
+        assert key in metrics, key
+    assert any(not torch.equal(before[n], p) for n, p in m.model.named_parameters())
+    if reference == "model":  # the reference stays the initial policy
+        assert all(torch.equal(before[n], p) for n, p in m.ref_model.named_parameters())
+    else:
+        assert len(m.ref_logps) == 8
+    # delta: 3 updates of 2 pairs x (chosen, rejected); the first step used 0, the last logged the value before it
+    assert m.delta.count == 12 and m.delta.value != 0.0
+    assert float(metrics["train/delta_next"]) == pytest.approx(m.delta.value, abs=1e-6)
+    path = tmp_path / "mpo.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["mpo_delta"] == m.delta.state_dict()
+    assert ckpt["r1v2_module_class"] == "lightning_r1v2.modules.mpo.MPOModule"
+    from lightning_r1v2.jobs.export import load_module
+
+    loaded = load_module(str(path))  # what build-pairs does for the next MPO round
+    assert isinstance(loaded, MPOModule)
+    assert loaded.delta.state_dict() == m.delta.state_dict() and loaded.ref_logps == m.ref_logps
+    for n, p in m.model.named_parameters():
+        assert torch.equal(p, dict(loaded.model.named_parameters())[n])
+
+
+def test_resume_continues_delta_and_reuses_stored_reference(pairs_file, tmp_path):
+    torch.manual_seed(0)
+    m = MPOModule(reference="precomputed", lr=1e-3, warmup_ratio=0.0)
+    dm = PreferenceDataModule(train_file=str(pairs_file), val_file=None, batch_size=2)
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(m, dm)
+    path = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(path)
+    stored = dict(m.ref_logps)
+    m2 = MPOModule(reference="precomputed", lr=1e-3, warmup_ratio=0.0)
+    m2.ref_logps = {}
+    dm2 = PreferenceDataModule(train_file=str(pairs_file), val_file=None, batch_size=2)
+    trainer2 = _trainer(tmp_path, 3)
+    trainer2.fit(m2, dm2, ckpt_path=str(path))
+    assert m2.ref_logps == stored  # restored, not recomputed under the trained policy
+    assert m2.delta.count == 12  # 8 from the first run + 4 from the resumed step
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="reference must be one of"):
+        MPOModule(reference="none")
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        MPOModule(beta=0.0)
