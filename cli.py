@@ -11,6 +11,7 @@ import sys
 JOBS = {
     "make-data": ("lightning_r1v2.data.synthetic", "make_data", "generate the synthetic visual reasoning task"),
     "evaluate": ("lightning_r1v2.jobs.evaluate", "evaluate", "held-out accuracy, format and hallucination rates of a checkpoint"),
+    "plot": ("lightning_r1v2.jobs.plot", "plot", "PNG plots of a run's logs (reward, effective share, MPO terms)"),
     "export": ("lightning_r1v2.jobs.export", "export", "write a checkpoint as a Hugging Face folder"),
     "build-pairs": ("lightning_r1v2.jobs.build_pairs", "build_pairs", "sample the policy into MPO preference pairs"),
     "prefilter": ("lightning_r1v2.jobs.prefilter", "prefilter", "drop prompts the policy always or never solves"),

@@ -1,0 +1,7 @@
+"""Callbacks around a GRPO step: the Selective Sample Buffer, monitors and signals."""
+from .buffer import SelectiveSampleBuffer
+from .entropy import CriticalTokenEntropy
+from .hallucination import HallucinationMonitor
+from .hooks import RolloutHooks, call_rollout_hook
+
+__all__ = ["SelectiveSampleBuffer", "CriticalTokenEntropy", "HallucinationMonitor", "RolloutHooks", "call_rollout_hook"]

@@ -84,14 +84,20 @@ class PolicyModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_hyperparams({f"params/{k}": c[k] for k in ("trainable", "frozen")})
 
+    # ----------------------------------------------------------- checkpoints
+    # Lightning restores weights, optimizer, schedulers, loop progress, callback and datamodule
+    # state on ``--ckpt_path``, but not the global RNGs: they travel here. A subclass that
+    # overrides ``on_load_checkpoint`` must call ``super().on_load_checkpoint(checkpoint)``.
     def on_save_checkpoint(self, checkpoint):
         cls = type(self)
         checkpoint["r1v2_module_class"] = f"{cls.__module__}.{cls.__qualname__}"
         checkpoint["r1v2_rng_state"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint):
-        # restored when training restarts, after Lightning's own seeding and set-up
+        # restored in on_train_start: after Lightning's seeding, set-up and first ``iter(loader)``
         self._pending_rng_state = checkpoint.get("r1v2_rng_state")
+        if self._pending_rng_state is None:
+            log.warning("the checkpoint holds no RNG state: a resumed run samples differently from an uninterrupted one")
 
     def on_train_start(self):
         state = getattr(self, "_pending_rng_state", None)

@@ -42,7 +42,8 @@ class GRPOModule(PolicyModule):
         scale_advantages: Divide by the group std (False: Dr. GRPO style ``r - mean``).
         reward_mode: ``sum`` (R1V2), ``weighted`` (R1V3 0.8 acc + 0.2 format) or ``gate``.
         mini_batch_size: Rollout rows per optimizer step (0: the whole batch, one step).
-        updates_per_batch: Passes over the rollout batch (1: on-policy, as R1V3).
+        updates_per_batch: Passes over the rollout batch (1: on-policy, as R1V3). Note that
+            ``trainer.max_steps`` counts optimizer steps: passes x mini-batches per rollout batch.
         max_grad_norm: Gradient clipping (0: off). Under DeepSpeed set it in the strategy config.
         table_every_n_steps: Write a table of sample completions every N steps (0: never).
         table_rows: Rows of that table.
@@ -158,9 +159,6 @@ class GRPOModule(PolicyModule):
         self.last_rollouts = rollouts
         if hp.table_every_n_steps and self.global_step % hp.table_every_n_steps == 0:
             self._write_table(rollouts)
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
 
     def _reward_stats(self, r: Rollouts) -> dict:
         G = self.hparams.group_size
@@ -179,6 +177,7 @@ class GRPOModule(PolicyModule):
     def _update(self, rollouts: Rollouts) -> dict:
         hp = self.hparams
         opt = self.optimizers()
+        sched = self.lr_schedulers()
         n = len(rollouts)
         mb = hp.mini_batch_size or n
         mask_all = rollouts.completion_mask.float()
@@ -210,6 +209,8 @@ class GRPOModule(PolicyModule):
                 if hp.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
+                if sched is not None:  # one schedule step per optimizer step, as trainer.max_steps counts
+                    sched.step()
                 stats["entropy"] = masked_mean(ent, mask)
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v)

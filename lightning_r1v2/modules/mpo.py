@@ -193,6 +193,7 @@ class MPOModule(PolicyModule):
             checkpoint["mpo_ref_logps"] = dict(self.ref_logps)
 
     def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)  # the RNG state (PolicyModule)
         if "mpo_delta" in checkpoint:
             self.delta.load_state_dict(checkpoint["mpo_delta"])
         self.ref_logps = {k: tuple(v) for k, v in checkpoint.get("mpo_ref_logps", {}).items()}

@@ -1,14 +1,21 @@
 """Checkpoints that survive a crash, and the RNG streams that make a resume exact.
 
-- ``AtomicCheckpointIO`` writes ``name.tmp-<pid>``, fsyncs it, then ``os.replace``s it onto
-  ``name``: a kill during a write leaves the previous checkpoint intact, never a truncated one
-  that ``last.ckpt`` points to.
+- ``AtomicCheckpointIO`` writes ``.<name>.<pid>.partial`` next to the target, fsyncs it, then
+  ``os.replace``s it onto ``<name>``: a kill during a write leaves the previous checkpoint under
+  its name, intact. The partial name ends in ``.partial`` and does not start with ``last``, so
+  ``--ckpt_path last`` (which picks the newest ``last*.ckpt`` of the ModelCheckpoint folder) never
+  resolves to it; partial files of dead processes are removed by the next save.
+  (Lightning's own ``TorchCheckpointIO`` serialises into memory and then writes the final name in
+  place: a kill during that write leaves a truncated ``last.ckpt``.)
 - ``rng_state()`` / ``set_rng_state()`` capture Python, NumPy and torch generators, which
   Lightning 2.6 does not restore on ``--ckpt_path``; the modules save them with every checkpoint
-  and restore them when training restarts, so sampling continues exactly.
+  and restore them when training restarts, so sampling continues exactly. The state is plain
+  Python values and tensors, so checkpoints load under ``torch.load(weights_only=True)``, which is
+  what Lightning uses by default with torch >= 2.6.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -18,45 +25,107 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+log = logging.getLogger("lightning_r1v2.checkpoint")
+
+PARTIAL_SUFFIX = ".partial"
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose saves are atomic (temporary file, fsync, rename)."""
+    """``TorchCheckpointIO`` whose local saves are atomic (temporary file, fsync, rename).
+
+    Remote paths (``s3://`` and the like) go through Lightning's own writer.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        remove_stale_partials(path.parent)
+        tmp = partial_path(path)
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        try:  # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def partial_path(path: Path, pid: int | None = None) -> Path:
+    """Where ``path`` is written before it is renamed: ``.<name>.<pid>.partial`` in the same folder."""
+    return path.with_name(f".{path.name}.{os.getpid() if pid is None else pid}{PARTIAL_SUFFIX}")
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete partial checkpoint files left by processes that no longer run (killed mid-write)."""
+    removed = []
+    for p in folder.glob(f".*{PARTIAL_SUFFIX}"):
+        try:
+            pid = int(p.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+        log.warning("removed %s, a checkpoint write that process %d did not finish", p, pid)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def rng_state() -> dict:
+    """The global Python, NumPy, torch (and CUDA) generator states, as plain values and tensors."""
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
+def _numpy_state() -> tuple:
+    # plain Python values only, so checkpoints load under torch.load(weights_only=True)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return (str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(cached))
+
+
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what ``rng_state()`` captured (the CUDA part only where CUDA is available)."""
+    random.setstate(_as_python_state(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_python_state(state) -> tuple:
+    # random.setstate needs (version, tuple_of_ints, gauss_next); a round trip may give lists
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

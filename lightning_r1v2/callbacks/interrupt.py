@@ -1,0 +1,133 @@
+"""Ctrl-C during training: save a checkpoint that resumes, then stop with a message.
+
+First Ctrl-C (SIGINT) while training: the current step finishes, a checkpoint is written to
+``<dirpath>/<filename>.ckpt`` at that step boundary, and the process exits with status 130 (the
+shell's "stopped by Ctrl-C"). That checkpoint resumes exactly like a ModelCheckpoint one::
+
+    python cli.py fit --config configs/tiny/grpo.yaml --ckpt_path runs/grpo/checkpoints/interrupted.ckpt
+
+A second Ctrl-C, or one that arrives outside the training loop, raises ``KeyboardInterrupt``
+at once. Lightning then calls ``on_exception``; if training had started, the state of that moment
+is saved to the same file, marked ``r1v2_interrupted_mid_step``, and Lightning exits with status 1.
+Resuming from it redoes the interrupted step from its first prompt (no data is skipped), but the
+step's random draws differ and an optimizer update it had already made is kept: it resumes, not
+exactly. (In a multi-process run that save is skipped: the other ranks may not reach it.)
+
+Why not only ``on_exception``: Lightning's handler of ``KeyboardInterrupt`` exits with status 1
+whatever the callbacks do, and the interrupt lands mid-step (usually mid-generation).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+log = logging.getLogger("lightning_r1v2.callbacks")
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd program
+
+
+class SaveOnInterrupt(Callback):
+    """Save a resumable checkpoint on Ctrl-C and stop.
+
+    Args:
+        dirpath: Folder of the checkpoint (None: the ModelCheckpoint's ``dirpath``, else
+            ``<default_root_dir>/checkpoints``).
+        filename: File name without ``.ckpt``.
+        save_mid_step: Also save when ``KeyboardInterrupt`` arrives mid-step (second Ctrl-C).
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "interrupted", save_mid_step: bool = True):
+        super().__init__()
+        self.dirpath = dirpath
+        self.filename = filename
+        self.save_mid_step = save_mid_step
+        self.requested = False
+        self.saved_path: str | None = None
+        self._previous_handler = None
+        self._training = False
+        self._mid_step = False
+
+    # ------------------------------------------------------------------ signal
+    def _on_sigint(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop now
+            self._restore_handler()
+            raise KeyboardInterrupt
+        self.requested = True
+        _say("\nCtrl-C: finishing this step, then saving a checkpoint and stopping (Ctrl-C again to stop now).")
+
+    def _install_handler(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self._previous_handler = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+        self._previous_handler = None
+
+    # ------------------------------------------------------------------- hooks
+    def path(self, trainer) -> Path:
+        folder = self.dirpath
+        if folder is None and trainer.checkpoint_callback is not None:
+            folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if folder is None:
+            folder = Path(trainer.default_root_dir) / "checkpoints"
+        return Path(folder) / f"{self.filename}.ckpt"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.requested, self.saved_path, self._training = False, None, True
+        self._install_handler()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # every rank must take the same decision at the same step (Ctrl-C may reach them apart)
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        path = self.path(trainer)
+        trainer.save_checkpoint(path)
+        self.saved_path = str(path)
+        self._restore_handler()
+        if trainer.is_global_zero:
+            _say(f"Interrupted: saved step {trainer.global_step} to {path}\n"
+                 f"Resume: run the same command with --ckpt_path {path}")
+        raise SystemExit(EXIT_INTERRUPTED)  # Lightning tears down (on_exception, loggers), then exits
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self._mid_step:
+            checkpoint["r1v2_interrupted_mid_step"] = True
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handler()
+        if not isinstance(exception, KeyboardInterrupt) or not self._training or self.saved_path:
+            return
+        if not self.save_mid_step:
+            return
+        if trainer.world_size > 1:
+            log.warning("KeyboardInterrupt in a %d-process run: no checkpoint saved (ranks may not all reach it)",
+                        trainer.world_size)
+            return
+        path = self.path(trainer)
+        self._mid_step = True
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            self._mid_step = False
+        self.saved_path = str(path)
+        _say(f"Interrupted mid-step: saved the state at step {trainer.global_step} to {path}; resuming from it "
+             f"redoes the interrupted step (--ckpt_path {path}).")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._training = False
+        self._restore_handler()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_handler()
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

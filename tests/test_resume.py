@@ -1,0 +1,313 @@
+"""Kill -9 and resume: a run resumed with ``--ckpt_path last`` equals a run that was never stopped.
+
+Each test starts the real CLI (``python cli.py fit --config <the tiny YAML, shrunk>``) twice:
+once straight through, once paused after step k and killed with SIGKILL, then resumed with
+``--ckpt_path last``. A recording callback (below; the subprocess imports this file) writes the
+prompt ids, an RNG digest and a weight sum of every step. The two final checkpoints must agree
+on everything that makes a run: weights (atol 1e-6), optimizer and scheduler state, callback
+state (the Selective Sample Buffer's rows and generator, reward counters), the RNG streams, the
+sampler's position and the MPO running delta; and the steps must have trained on the same
+prompts in the same order, none twice, none skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+PAUSED = "R1V2-TEST paused after step"
+
+
+# ------------------------------------------------------------------ imported by the subprocess
+def length_reward(completions, **_):
+    """0, 1 or 2 by completion length: varies on an untrained policy, so advantages are non-zero
+    and the Selective Sample Buffer fills (the real rewards are all 0 on a random model)."""
+    return [float(len(c) % 3) for c in completions]
+
+
+class StepRecorder(Callback):
+    """One JSON line per finished step (ids trained on, RNG digest, weight sum); with
+    ``pause_after=k`` it prints a marker at the start of step k+1 (after step k's checkpoint was
+    written) and sleeps until it is killed. It draws no random numbers."""
+
+    def __init__(self, path: str, pause_after: int = -1):
+        self.path, self.pause_after = path, pause_after
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.pause_after:
+            print(f"{PAUSED} {trainer.global_step}", flush=True)
+            time.sleep(600)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ids = batch.get("pair_ids") or [r["id"] for r in batch["records"]]
+        with torch.no_grad():
+            wsum = float(sum(p.double().sum() for p in pl_module.parameters()))
+        row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "ids": [str(i) for i in ids],
+               "rng": rng_digest(), "wsum": wsum}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def rng_digest() -> str:
+    import random
+
+    import numpy as np
+
+    h = hashlib.sha1(torch.get_rng_state().numpy().tobytes())
+    h.update(repr(random.getstate()).encode())
+    h.update(np.random.get_state()[1].tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------- harness
+def stage_config(stage: str, run: Path, *, data: dict, model: dict, trainer: dict,
+                 callbacks: list[dict], record: Path, pause_after: int = -1) -> Path:
+    """``configs/tiny/<stage>.yaml`` shrunk for a test; the plugins and callbacks it ships are kept."""
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny" / f"{stage}.yaml").read_text())
+    t = cfg["trainer"]
+    assert any("AtomicCheckpointIO" in p["class_path"] for p in t.get("plugins") or []), "config lost its plugin"
+    t.update(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(run),
+             num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, val_check_interval=None)
+    t.update(trainer)
+    for cb in t["callbacks"]:
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"].update(dirpath=str(run / "ckpt"), every_n_train_steps=1, save_top_k=-1)
+    present = {_callback_key(cb) for cb in t["callbacks"]}  # the YAML may already have a buffer
+    t["callbacks"] += [cb for cb in callbacks if _callback_key(cb) not in present]
+    t["callbacks"].append({"class_path": "test_resume.StepRecorder",
+                           "init_args": {"path": str(record), "pause_after": pause_after}})
+    cfg["model"]["init_args"].update(init_ckpt=None, **model)
+    cfg["data"]["init_args"].update(val_file=None, **data)
+    path = run.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _callback_key(cb: dict) -> tuple:
+    return cb["class_path"].rsplit(".", 1)[-1], (cb.get("init_args") or {}).get("name")
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+class Run:
+    """``cli.py fit`` in a subprocess; stdout and stderr are read into ``lines`` by a thread."""
+
+    def __init__(self, config: Path, *args: str, cwd: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(config), *args],
+            cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._seen = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith(PAUSED):
+                self._seen.set()
+        self._seen.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def kill_when_paused(self, timeout: float = 300) -> None:
+        if not self._seen.wait(timeout) or self.proc.poll() is not None:
+            self.proc.kill()
+            pytest.fail(f"the run never paused (rc={self.proc.poll()}):\n{self.output[-4000:]}")
+        self.proc.send_signal(signal.SIGKILL)
+        self.wait(30, expect=-signal.SIGKILL)
+
+    def wait(self, timeout: float = 300, expect: int = 0) -> "Run":
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"timed out:\n{self.output[-4000:]}")
+        self._reader.join(10)
+        assert rc == expect, f"exit {rc} (expected {expect}):\n{self.output[-4000:]}"
+        return self
+
+
+def read_steps(path: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+def load(path: Path) -> dict:
+    # what Lightning itself does on --ckpt_path with torch >= 2.6: weights_only=True
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same(a, b, where: str = "checkpoint", atol: float = 1e-6):
+    """Nested equality; floating tensors and floats within ``atol``."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}", atol)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]", atol)
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, f"{where}: tensors differ"
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, atol=atol, rtol=0, equal_nan=True, msg=lambda m: f"{where}: {m}")
+        else:
+            assert torch.equal(a, b), f"{where}: tensors differ"
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == b or abs(a - b) <= atol or (a != a and b != b), f"{where}: {a} != {b}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def compare_final_checkpoints(straight: Path, resumed: Path) -> tuple[dict, dict]:
+    a, b = load(straight), load(resumed)
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+    assert_same(a["state_dict"], b["state_dict"], "weights")
+    assert_same(a["optimizer_states"], b["optimizer_states"], "optimizer")
+    assert_same(a["lr_schedulers"], b["lr_schedulers"], "lr_schedulers")
+    assert_same(a["r1v2_rng_state"], b["r1v2_rng_state"], "rng", atol=0)
+    dm = a["datamodule_hparams_name"] if "datamodule_hparams_name" in a else None
+    for key in a:
+        if key.endswith("DataModule"):
+            assert_same(a[key], b[key], key, atol=0)  # sampler epoch and position
+    cbs = {k: v for k, v in a["callbacks"].items() if not k.startswith("ModelCheckpoint")}  # paths differ
+    assert_same(cbs, {k: v for k, v in b["callbacks"].items() if not k.startswith("ModelCheckpoint")}, "callbacks")
+    for key in ("mpo_delta", "mpo_ref_logps"):
+        assert (key in a) == (key in b)
+        if key in a:
+            assert_same(a[key], b[key], key)
+    epoch_loop = "epoch_loop.batch_progress"
+    assert a["loops"]["fit_loop"][epoch_loop]["current"]["processed"] == \
+        b["loops"]["fit_loop"][epoch_loop]["current"]["processed"], dm
+    return a, b
+
+
+def kill_and_resume(stage: str, tmp_path: Path, *, kill_after: int, max_steps: int, **cfg) -> dict:
+    """Run straight and killed-then-resumed (concurrently where possible); compare. Returns facts."""
+    straight_run, broken_run = tmp_path / "straight", tmp_path / "broken"
+    rec_a, rec_b = tmp_path / "straight.jsonl", tmp_path / "broken.jsonl"
+    trainer = dict(cfg.pop("trainer", {}), max_steps=max_steps)
+    cfg_a = stage_config(stage, straight_run, record=rec_a, trainer=trainer, **cfg)
+    cfg_b = stage_config(stage, broken_run, record=rec_b, pause_after=kill_after, trainer=trainer, **cfg)
+    t0 = time.perf_counter()
+    straight = Run(cfg_a, cwd=tmp_path)
+    broken = Run(cfg_b, cwd=tmp_path)
+    broken.kill_when_paused()
+    ckpt_dir = broken_run / "ckpt"
+    last = ckpt_dir / "last.ckpt"
+    assert load(last)["global_step"] == kill_after
+    assert not list(ckpt_dir.glob(f"*step={kill_after + 1}*")), "the kill came too late"
+
+    # resume: the same config without the pause, `--ckpt_path last` resolved by Lightning
+    cfg_c = stage_config(stage, broken_run, record=rec_b, trainer=trainer, **cfg)
+    resumed = Run(cfg_c, "--ckpt_path", "last", cwd=tmp_path)
+    resumed.wait()
+    straight.wait()
+    assert f"Restoring states from the checkpoint path at {last}" in resumed.output, resumed.output[-3000:]
+    assert "dataloader is not resumable" not in resumed.output
+
+    a, b = compare_final_checkpoints(straight_run / "ckpt" / "last.ckpt", last)
+    assert a["global_step"] == max_steps
+
+    # the same prompts in the same order, the same RNG stream and weights after every step
+    steps_a, steps_b = read_steps(rec_a), read_steps(rec_b)
+    assert sorted(steps_a) == sorted(steps_b) == list(range(1, max_steps + 1))
+    for s in steps_a:
+        assert steps_a[s]["ids"] == steps_b[s]["ids"], f"step {s}: trained on other prompts"
+        assert steps_a[s]["rng"] == steps_b[s]["rng"], f"step {s}: RNG streams differ"
+        assert steps_a[s]["wsum"] == pytest.approx(steps_b[s]["wsum"], abs=1e-6), f"step {s}: weights differ"
+    return {"straight": a, "steps": steps_a, "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def data16(tmp_path_factory):
+    from lightning_r1v2.data.synthetic import make_data
+
+    out = tmp_path_factory.mktemp("resume_data")
+    make_data(str(out), train=16, val=0, seed=7, difficulty="easy")
+    return out
+
+
+GRPO = dict(
+    model={"group_size": 2, "table_every_n_steps": 0, "engine": {
+        "class_path": "lightning_r1v2.rollout.HFGenerateEngine", "init_args": {"max_new_tokens": 8, "temperature": 1.0}}},
+    callbacks=[
+        {"class_path": "lightning_r1v2.rewards.RewardCallback",
+         "init_args": {"fn": "test_resume.length_reward", "name": "length", "weight": 1.0}},
+        {"class_path": "lightning_r1v2.callbacks.SelectiveSampleBuffer", "init_args": {"capacity": 16, "max_age": 8}},
+    ],
+)
+
+
+def _grpo_cfg(data16, **data):
+    cfg = {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in GRPO.items()}
+    cfg["data"] = {"train_file": str(data16 / "train.jsonl"), "batch_size": 2, **data}
+    return cfg
+
+
+def _ssb_state(ckpt: dict) -> dict:
+    return next(v for k, v in ckpt["callbacks"].items() if k.startswith("SelectiveSampleBuffer"))
+
+
+def test_grpo_kill_mid_epoch_and_resume_equals_a_run_never_stopped(data16, tmp_path):
+    # 16 prompts, 2 per step: 8 steps an epoch; killed after step 2 of 4
+    facts = kill_and_resume("grpo", tmp_path, kill_after=2, max_steps=4, **_grpo_cfg(data16))
+    ids = [i for s in sorted(facts["steps"]) for i in facts["steps"][s]["ids"]]
+    assert len(ids) == len(set(ids)) == 8  # one epoch: no prompt twice
+    buffer = _ssb_state(facts["straight"])
+    assert buffer["store"] is not None and len(buffer["steps"]) > 0  # the compared buffer is not empty
+
+
+@pytest.mark.slow
+def test_grpo_kill_at_an_epoch_boundary_and_resume(data16, tmp_path):
+    # 4 prompts, 2 per step: killed after step 2, the last of epoch 0; epoch 1 must reshuffle
+    facts = kill_and_resume("grpo", tmp_path, kill_after=2, max_steps=4, **_grpo_cfg(data16, max_train_records=4))
+    steps = facts["steps"]
+    assert [steps[s]["epoch"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
+    first, second = steps[1]["ids"] + steps[2]["ids"], steps[3]["ids"] + steps[4]["ids"]
+    assert sorted(first) == sorted(second) and len(set(first)) == 4  # each epoch sees every prompt once
+
+
+@pytest.fixture(scope="module")
+def pairs16(data16):
+    from lightning_r1v2.data.records import read_records
+
+    records, _ = read_records(data16 / "train.jsonl")
+    path = data16 / "pairs.jsonl"
+    with path.open("w") as f:
+        for i, rec in enumerate(records):
+            row = {k: rec[k] for k in ("id", "question", "answer")}
+            row.update(image=rec["image_rel"], pair_id=f"{rec['id']}/0", chosen=rec["response"],
+                       rejected="<think> red " + "9 " * (i % 3) + "</think> \\boxed{9}")
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_mpo_kill_and_resume_keeps_the_running_delta(pairs16, tmp_path):
+    cfg = {"data": {"train_file": str(pairs16), "batch_size": 2}, "model": {}, "callbacks": []}
+    facts = kill_and_resume("mpo", tmp_path, kill_after=2, max_steps=4, **cfg)
+    a = facts["straight"]
+    assert a["mpo_delta"] and len(a["mpo_ref_logps"]) == 16  # compared above, and not trivially empty
