@@ -19,6 +19,7 @@ whatever the callbacks do, and the interrupt lands mid-step (usually mid-generat
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -51,6 +52,7 @@ class SaveOnInterrupt(Callback):
         self._previous_handler = None
         self._training = False
         self._mid_step = False
+        self._at_batch_start = False
 
     # ------------------------------------------------------------------ signal
     def _on_sigint(self, signum, frame):
@@ -58,7 +60,8 @@ class SaveOnInterrupt(Callback):
             self._restore_handler()
             raise KeyboardInterrupt
         self.requested = True
-        _say("\nCtrl-C: finishing this step, then saving a checkpoint and stopping (Ctrl-C again to stop now).")
+        # os.write, not print: a handler that prints while the main thread prints can fail (reentrant call)
+        os.write(2, b"\nCtrl-C: finishing this step, then saving a checkpoint and stopping (Ctrl-C again to stop now).\n")
 
     def _install_handler(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -84,12 +87,19 @@ class SaveOnInterrupt(Callback):
         self.requested, self.saved_path, self._training = False, None, True
         self._install_handler()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # every rank must take the same decision at the same step (Ctrl-C may reach them apart)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Here, not at the end of the interrupted step: every callback (ModelCheckpoint is always
+        # last) and any scheduled validation have finished that step, and the next has not begun,
+        # so the checkpoint is the one a ModelCheckpoint at that step would write.
+        # Every rank must take the same decision at the same step (Ctrl-C may reach them apart).
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         path = self.path(trainer)
-        trainer.save_checkpoint(path)
+        self._at_batch_start = True
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            self._at_batch_start = False
         self.saved_path = str(path)
         self._restore_handler()
         if trainer.is_global_zero:
@@ -100,10 +110,20 @@ class SaveOnInterrupt(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self._mid_step:
             checkpoint["r1v2_interrupted_mid_step"] = True
+        if self._at_batch_start:
+            _uncount_fetched_batch(checkpoint)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if checkpoint.get("r1v2_interrupted_mid_step"):
+            log.warning("resuming from a mid-step interrupt: the interrupted step is redone from its first prompt; "
+                        "the run goes on correctly but not bit-for-bit as if never stopped")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore_handler()
-        if not isinstance(exception, KeyboardInterrupt) or not self._training or self.saved_path:
+        if not isinstance(exception, KeyboardInterrupt):
+            self._restore_handler()
+            return
+        self._previous_handler = None  # Lightning now ignores SIGINT while it shuts down: leave it so
+        if not self._training or self.saved_path:
             return
         if not self.save_mid_step:
             return
@@ -124,6 +144,8 @@ class SaveOnInterrupt(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._training = False
         self._restore_handler()
+        if self.requested and not self.saved_path and trainer.is_global_zero:
+            _say("Ctrl-C came during the last step: the run finished normally (its checkpoints are written as usual).")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore_handler()
@@ -131,3 +153,23 @@ class SaveOnInterrupt(Callback):
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _uncount_fetched_batch(checkpoint: dict) -> None:
+    """Make a checkpoint taken in ``on_train_batch_start`` read as one taken after the last step.
+
+    By then Lightning has fetched the next batch and counted it ``ready``. Left so, the resumed
+    loop counts one batch too many (the logging step and a ``val_check_interval`` schedule shift
+    by one). With ``ready`` set back to ``started`` the progress is that of a save after a
+    finished step (ready = started = processed = completed, as a ModelCheckpoint save in
+    ``on_validation_end``), which Lightning resumes without skipping or repeating a batch; the
+    data position is the DataModule's, counted from ``processed``. Tested against a run never
+    stopped in ``tests/test_interrupt.py``.
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if progress is None:  # another loop layout: the resume still works, a counter may be off by one
+        log.warning("unexpected loop state in the checkpoint; the resumed step counter may be off by one")
+        return
+    for part in ("total", "current"):
+        progress[part]["ready"] = progress[part]["started"]
+    progress["is_last_batch"] = False

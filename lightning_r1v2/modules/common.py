@@ -10,7 +10,7 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from ..models.loading import load_policy, set_trainable
-from ..utils.checkpoint import rng_state, set_rng_state
+from ..utils.checkpoint import reopen_finished_epoch, rng_state, set_rng_state
 
 log = logging.getLogger("lightning_r1v2.modules")
 
@@ -98,6 +98,9 @@ class PolicyModule(L.LightningModule):
         self._pending_rng_state = checkpoint.get("r1v2_rng_state")
         if self._pending_rng_state is None:
             log.warning("the checkpoint holds no RNG state: a resumed run samples differently from an uninterrupted one")
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if dm is not None:  # runs before Lightning reads the loop state from ``checkpoint``
+            reopen_finished_epoch(checkpoint, type(dm).__qualname__)
 
     def on_train_start(self):
         state = getattr(self, "_pending_rng_state", None)

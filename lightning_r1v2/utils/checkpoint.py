@@ -129,3 +129,25 @@ def _as_python_state(state) -> tuple:
     # random.setstate needs (version, tuple_of_ints, gauss_next); a round trip may give lists
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
+
+
+def reopen_finished_epoch(checkpoint: dict, data_key: str) -> bool:
+    """Let a resume from a checkpoint written on an epoch's last batch close that epoch normally.
+
+    Lightning 2.6 resumes such a checkpoint (ModelCheckpoint's ``every_n_train_steps`` landing on
+    the last batch) as if the epoch had already ended: ``on_train_epoch_end`` is never called for
+    it (a buffer's epoch clearing, epoch-end monitors), nor ``on_train_epoch_start`` for the next,
+    and the epoch counters drift from those of a run never stopped. With the saved
+    ``is_last_batch`` flag cleared, the resumed loop asks the data for one more batch, finds the
+    epoch exhausted and ends it through the usual hooks.
+
+    Only when the checkpoint holds the position of a resumable sampler (``data_key``: the
+    DataModule's entry with a ``sampler``): a plain loader would replay the epoch instead.
+    Returns whether the checkpoint was changed.
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    data = checkpoint.get(data_key)
+    if not progress or not progress.get("is_last_batch") or not isinstance(data, dict) or not data.get("sampler"):
+        return False
+    progress["is_last_batch"] = False
+    return True

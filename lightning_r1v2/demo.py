@@ -1,0 +1,150 @@
+"""``make demo``: the whole R1V2 pipeline on the embedded default, end to end, on a CPU.
+
+make-data -> SFT -> build-pairs -> MPO -> prefilter -> GRPO (buffer, rewards, monitors), then
+every stage's checkpoint is evaluated on the same held-out set (a split no stage trains on) and
+a table is printed. Each stage runs through ``cli.py`` exactly as a user would run it, writing
+under ``runs/demo/``; plots go to ``runs/demo/plots``. The table comes from this run.
+
+    python -m lightning_r1v2.demo [--out runs/demo] [--data data/demo] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(title: str, args: list[str], log: Path) -> float:
+    print(f"\n=== {title}\n$ python cli.py {' '.join(args)}", flush=True)
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+        for line in proc.stdout:
+            f.write(line)
+            if _worth_showing(line):
+                print("  " + line.rstrip()[:160], flush=True)
+        code = proc.wait()
+    took = time.perf_counter() - t0
+    if code != 0:
+        tail = log.read_text().splitlines()[-25:]
+        raise SystemExit(f"{title} failed (exit {code}); last lines of {log}:\n" + "\n".join(tail))
+    print(f"  done in {took:.0f}s (log: {log})", flush=True)
+    return took
+
+
+def _worth_showing(line: str) -> bool:
+    keys = ("make-data:", "trainable parts", "build-pairs", "prefilter", "val/accuracy", "pairs", "kept",
+            "Epoch", "progress", "wrote", "skipped", "Error", "error")
+    return any(k in line for k in keys) and "Warning" not in line
+
+
+def _config(name: str, out: Path, data: Path, into: Path) -> str:
+    """A copy of ``configs/tiny/<name>.yaml`` writing under ``out`` and reading ``data``."""
+    text = (ROOT / "configs" / "tiny" / f"{name}.yaml").read_text()
+    text = text.replace("runs/", f"{out}/").replace("data/tiny/", f"{data}/")
+    path = into / f"{name}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="where runs, logs, checkpoints and plots go")
+    p.add_argument("--data", default="data/demo", help="where the synthetic task is written")
+    p.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke test, not a result)")
+    a = p.parse_args(argv)
+    out, data = (ROOT / a.out).resolve(), (ROOT / a.data).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    q = a.quick
+    times: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    n_train, n_val = (64, 16) if q else (4000, 500)
+    times["data"] = _run("1/7 make-data", ["make-data", "--out", str(data), "--train", str(n_train),
+                                           "--val", str(n_val), "--seed", "0"], logs / "make_data.log")
+    sft, mpo, grpo = out / "sft", out / "mpo", out / "grpo"
+    cfg = {n: _config(n, out, data, logs) for n in ("sft", "build_pairs", "mpo", "prefilter", "grpo")}
+    quick_fit = ["--trainer.max_steps", "3", "--data.init_args.batch_size", "4"] if q else []
+    times["SFT"] = _run("2/7 SFT", ["fit", "--config", cfg["sft"], *quick_fit], logs / "sft.log")
+    sft_ckpt = sft / "checkpoints" / "last.ckpt"
+    times["pairs"] = _run("3/7 build-pairs", [
+        "build-pairs", "--config", cfg["build_pairs"], "--ckpt_path", str(sft_ckpt),
+        *(["--limit", "8", "--num_samples", "4"] if q else []),
+    ], logs / "build_pairs.log")
+    times["MPO"] = _run("4/7 MPO", ["fit", "--config", cfg["mpo"], "--model.init_args.init_ckpt", str(sft_ckpt),
+                                    *quick_fit], logs / "mpo.log")
+    mpo_ckpt = mpo / "checkpoints" / "last.ckpt"
+    kept = data / "train.prefiltered.jsonl"
+    times["prefilter"] = _run("5/7 prefilter", [
+        "prefilter", "--config", cfg["prefilter"], "--ckpt_path", str(mpo_ckpt), "--out", str(kept),
+        *(["--limit", "16", "--k", "4"] if q else []),
+    ], logs / "prefilter.log")
+    times["GRPO"] = _run("6/7 GRPO", [
+        "fit", "--config", cfg["grpo"], "--data.init_args.train_file", str(kept),
+        "--model.init_args.init_ckpt", str(mpo_ckpt),
+        *(["--trainer.max_steps", "2", "--data.init_args.batch_size", "2"] if q else []),
+    ], logs / "grpo.log")
+
+    print("\n=== 7/7 evaluate every stage on the same held-out set", flush=True)
+    from .data.records import read_records
+    from .jobs.evaluate import evaluate_module, majority_baseline
+    from .jobs.export import load_module
+    from .jobs.plot import plot, read_metrics
+
+    val, _ = read_records(data / "val.jsonl")
+    train, _ = read_records(data / "train.jsonl", check_images=False)
+    results = [{"stage": "majority answer", "accuracy": majority_baseline(val, train), "format": None,
+                "hallucination": None, "effective_share": None, "seconds": None}]
+    for stage, ckpt, key in (("SFT", sft_ckpt, "SFT"), ("MPO", mpo_ckpt, "MPO"),
+                             ("GRPO", grpo / "checkpoints" / "last.ckpt", "GRPO")):
+        m = evaluate_module(load_module(str(ckpt)), val, batch_size=100, max_new_tokens=24)
+        row = {"stage": stage, "accuracy": m["accuracy"], "format": m["format"], "hallucination": m["hallucination"],
+               "accuracy_by_type": m["accuracy_by_type"], "effective_share": None, "seconds": times[key]}
+        if stage == "GRPO":
+            metrics = sorted((grpo / "logs").rglob("metrics.csv"))
+            if metrics:
+                s = read_metrics(metrics[-1])
+                for name, col in (("effective_share", "ssb/effective_share_after"),
+                                  ("effective_share_before", "effective_share")):
+                    vals = [v for _, v in s.get(col, [])]
+                    row[name] = sum(vals) / len(vals) if vals else None
+        results.append(row)
+        print(f"  {stage}: accuracy {m['accuracy']:.3f}", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(str(out), out=str(out / "plots"), results=str(out / "results.json"))
+    print("\n" + table(results))
+    print(f"\nwhole demo: {time.perf_counter() - t_start:.0f}s; results: {out / 'results.json'}; "
+          f"plots: {out / 'plots'}")
+    return results
+
+
+def _pct(v) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.1f}%"
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| stage | held-out accuracy | format rate | hallucination rate | effective samples (GRPO) | time |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        eff = r.get("effective_share")
+        if eff is not None and r.get("effective_share_before") is not None:
+            eff_s = f"{_pct(eff)} (without buffer {_pct(r['effective_share_before'])})"
+        else:
+            eff_s = _pct(eff)
+        secs = "-" if r.get("seconds") is None else f"{r['seconds']:.0f}s"
+        lines.append(f"| {r['stage']} | {_pct(r['accuracy'])} | {_pct(r['format'])} | {_pct(r['hallucination'])} "
+                     f"| {eff_s} | {secs} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
