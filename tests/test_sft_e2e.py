@@ -19,19 +19,14 @@ def _cli(*args, cwd):
 
 def test_sft_fit_validate_export(tiny_data, tmp_path):
     run = tmp_path / "run"
-    common = [
-        "--config", str(ROOT / "configs/tiny/sft.yaml"),
-        "--data.train_file", str(tiny_data / "train.jsonl"),
-        "--data.val_file", str(tiny_data / "val.jsonl"),
-        "--trainer.default_root_dir", str(run),
-        "--trainer.logger.0.init_args.save_dir", str(run),
-        "--trainer.logger.1.init_args.save_dir", str(run),
-        "--trainer.callbacks.0.init_args.dirpath", str(run / "ckpt"),
-    ]
-    fit = _cli("fit", *common, "--trainer.max_steps", "6", "--data.batch_size", "8",
+    config = tmp_path / "sft.yaml"  # the shipped config, writing under tmp_path and reading tiny_data
+    config.write_text((ROOT / "configs/tiny/sft.yaml").read_text()
+                      .replace("runs/sft", str(run)).replace("data/tiny/", f"{tiny_data}/"))
+    common = ["--config", str(config)]
+    fit = _cli("fit", *common, "--trainer.max_steps", "8", "--data.batch_size", "8", "--trainer.log_every_n_steps", "1",
                "--trainer.check_val_every_n_epoch", "1", "--model.lr", "1e-3", cwd=tmp_path)
     assert "trainable parts ['vision', 'connector', 'llm']" in fit.stdout
-    ckpt = run / "ckpt" / "last.ckpt"
+    ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
     rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
