@@ -1,0 +1,250 @@
+"""DataModules: records from JSONL files, validated, length-filtered and batched.
+
+The processor comes from the LightningModule (``trainer.lightning_module.processor``), so data
+and model always agree on the tokenizer and the number of image tokens.
+
+The training sampler is stateful (``state_dict`` / ``load_state_dict``): Lightning saves its
+position with the checkpoint, so a resumed run continues the epoch where it stopped instead of
+replaying it (EasyR1 issue 57).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .collate import PromptCollator, SFTCollator, prompt_text
+from .records import read_records
+
+log = logging.getLogger("lightning_r1v2.data")
+
+
+class RecordDataset(Dataset):
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.records[i]
+
+
+class StatefulRandomSampler(Sampler[int]):
+    """A seeded shuffling sampler that can resume mid-epoch.
+
+    Epoch ``e`` uses permutation ``randperm(n, seed + e)``; ``state_dict`` holds the epoch and
+    how many indices of it were handed out. Lightning calls ``set_epoch`` at the start of every
+    epoch (its own epoch count, restored on resume), so the permutation follows the trainer's
+    epoch even when an epoch's iterator is left unfinished (``drop_last``, ``max_steps``).
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.consumed = 0, 0
+        self._resume_from = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        order = self._order()
+        start, self._resume_from = self._resume_from, 0
+        self.consumed = start
+        for i in order[start:]:
+            self.consumed += 1
+            yield i
+        self.epoch += 1
+        self.consumed = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s permutation from its start, unless a resumed position is for it."""
+        if int(epoch) != self.epoch:
+            self.epoch, self._resume_from, self.consumed = int(epoch), 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n", self.n) != self.n:
+            raise ValueError(f"sampler state is for {state['n']} records, the dataset has {self.n}")
+        self.epoch, self._resume_from = int(state["epoch"]), int(state["consumed"])
+
+
+def prompt_length(processor, record: dict) -> int:
+    """Tokens of the record's expanded prompt (text plus image tokens), without running the model."""
+    text = prompt_text(processor, record)
+    n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
+    sizes = []
+    for p in paths:
+        with Image.open(p) as im:
+            sizes.append((im.height, im.width))
+    try:
+        mm = processor._get_num_multimodal_tokens(image_sizes=sizes)
+        n_image = sum(mm["num_image_tokens"])
+    except Exception:  # processors without the helper: expand for real
+        enc = processor(images=[Image.new("RGB", (w, h)) for h, w in sizes], text=[text])
+        return len(enc["input_ids"][0])
+    return n_text - len(paths) + n_image  # each placeholder token is replaced by its image tokens
+
+
+class R1V2DataModule(L.LightningDataModule):
+    """Records for every stage.
+
+    Args:
+        train_file: JSONL of training records (prompts for GRPO, SFT targets in ``response``).
+        val_file: JSONL of held-out records (evaluated by generation).
+        kind: ``sft`` (prompt + response batches) or ``prompts`` (prompts only, for GRPO).
+        batch_size: Records per training batch (GRPO: prompts per step).
+        eval_batch_size: Records per validation batch (batched generation).
+        max_prompt_tokens: Prompts longer than this (image tokens included) are skipped and
+            counted, never truncated.
+        strict: Stop at the first bad record (``file:line: reason``); else skip and count.
+        max_train_records: Use only the first N training records (0: all).
+        max_val_records: Use only the first N held-out records (0: all).
+        seed: Shuffling seed.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        train_file: str = "data/tiny/train.jsonl",
+        val_file: str | None = "data/tiny/val.jsonl",
+        kind: str = "sft",
+        batch_size: int = 32,
+        eval_batch_size: int = 100,
+        max_prompt_tokens: int = 256,
+        strict: bool = True,
+        max_train_records: int = 0,
+        max_val_records: int = 0,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if kind not in ("sft", "prompts"):
+            raise ValueError(f"kind must be 'sft' or 'prompts', got {kind!r}")
+        self.save_hyperparameters()
+        self.train_records: list[dict] = []
+        self.val_records: list[dict] = []
+        self.skipped: Counter = Counter()
+        self.sampler: StatefulRandomSampler | None = None
+        self.processor = None
+
+    def _processor(self):
+        if self.processor is None:
+            self.processor = self.trainer.lightning_module.processor
+        return self.processor
+
+    def _load(self, path: str, limit: int) -> list[dict]:
+        hp = self.hparams
+        records, report = read_records(path, strict=hp.strict)
+        self.skipped.update(report.skipped)
+        if limit:
+            records = records[:limit]
+        if hp.kind == "sft" and path == hp.train_file:
+            missing = [r["_source"] for r in records if not r.get("response")]
+            if missing:
+                raise ValueError(f"{missing[0]}: SFT record has no 'response' ({len(missing)} such records)")
+        kept = []
+        for r in records:
+            n = prompt_length(self._processor(), r)
+            if n > hp.max_prompt_tokens:
+                self.skipped["prompt_too_long"] += 1
+                log.warning("%s: prompt has %d tokens (limit %d), skipped", r["_source"], n, hp.max_prompt_tokens)
+                continue
+            kept.append(r)
+        return kept
+
+    def setup(self, stage: str | None = None):
+        hp = self.hparams
+        if stage in ("fit", None) and not self.train_records:
+            self.train_records = self._load(hp.train_file, hp.max_train_records)
+            if not self.train_records:
+                raise ValueError(f"{hp.train_file}: no usable training records")
+        if hp.val_file and not self.val_records and stage in ("fit", "validate", "test", None):
+            self.val_records = self._load(hp.val_file, hp.max_val_records)
+        if self.skipped:
+            log.warning("skipped records: %s", dict(self.skipped))
+
+    def train_dataloader(self):
+        hp = self.hparams
+        if self.sampler is None:
+            self.sampler = StatefulRandomSampler(len(self.train_records), seed=hp.seed)
+            pending = getattr(self, "_pending_sampler_state", None)
+            if pending:
+                self.sampler.load_state_dict(pending)
+        collate = SFTCollator(self._processor()) if hp.kind == "sft" else PromptCollator(self._processor())
+        return DataLoader(
+            RecordDataset(self.train_records),
+            batch_size=hp.batch_size,
+            sampler=self.sampler,
+            collate_fn=collate,
+            drop_last=True,
+            num_workers=hp.num_workers,
+            generator=loader_generator(hp.seed),
+        )
+
+    def val_dataloader(self):
+        if not self.val_records:
+            return []
+        return DataLoader(
+            RecordDataset(self.val_records),
+            batch_size=self.hparams.eval_batch_size,
+            shuffle=False,
+            collate_fn=PromptCollator(self._processor()),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+    # -------------------------------------------------------------- checkpoints
+    # Lightning saves ``state_dict()`` under the class name in every checkpoint and calls
+    # ``load_state_dict`` on resume after ``setup`` and before ``train_dataloader``. Lightning itself
+    # only restores loaders that are stateful; a plain DataLoader over our sampler is not, so the
+    # position in the epoch travels here.
+    def state_dict(self) -> dict:
+        sampler = self.sampler.state_dict() if self.sampler else None
+        if sampler is not None and self.trainer is not None:
+            # The loader prefetches, so the sampler has handed out more indices than were trained
+            # on; the truth is the loop's count of completed batches in this epoch.
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler["consumed"] = min(done * self.hparams.batch_size, sampler["n"])
+            sampler["epoch"] = self.trainer.current_epoch
+        return {"sampler": sampler, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("sampler") and self.train_records:
+            self.sampler = StatefulRandomSampler(len(self.train_records), seed=self.hparams.seed)
+            self.sampler.load_state_dict(state["sampler"])
+        elif state.get("sampler"):
+            self._pending_sampler_state = state["sampler"]
+        if state.get("sampler"):
+            # Lightning warns on a mid-epoch resume unless the DataLoader object itself is
+            # stateful; here the sampler's position was restored, so the warning is wrong.
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
+
+
+_NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator (for its per-iterator base seed).
+
+    Without one, every ``iter(loader)`` draws from the global torch RNG, and a run resumed at an
+    epoch boundary (whose iterator is made before the RNG state is restored) would then sample
+    differently from a run never stopped.
+    """
+    return torch.Generator().manual_seed(int(seed))

@@ -1,0 +1,199 @@
+"""Preference pairs for MPO: the JSONL format, its reader, the collator and the DataModule.
+
+A pairs file (``cli.py build-pairs`` writes one) holds one pair per line: a record (``id``,
+``image``, ``question``, ``answer``, ...) plus::
+
+    {"pair_id"?, "chosen", "rejected", "chosen_reward"?, "rejected_reward"?, "gap"?,
+     "ref_chosen_logp"?, "ref_rejected_logp"?}
+
+``ref_*_logp`` are the reference policy's log-probs of each response (summed over its tokens,
+end-of-turn included); when every pair has them, ``MPOModule(reference="precomputed")`` uses
+them instead of computing its own. A bad pair is reported as ``file:line: reason``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .collate import IGNORE_INDEX, encode_prompts, response_ids
+from .datamodule import R1V2DataModule, RecordDataset, StatefulRandomSampler
+from .records import ReadReport, RecordError, read_records
+
+log = logging.getLogger("lightning_r1v2.data")
+
+NUMBER_FIELDS = ("chosen_reward", "rejected_reward", "gap", "ref_chosen_logp", "ref_rejected_logp")
+REF_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
+
+
+def validate_pair(rec: dict) -> tuple[str, str] | None:
+    """``(kind, reason)`` when the pair fields of an already valid record are bad, else None.
+
+    An empty response is valid (a policy that stops at once gives one; it is a fine rejected answer).
+    """
+    for key in ("chosen", "rejected"):
+        if key not in rec or rec[key] is None:
+            return "missing_field", f"missing field {key!r}"
+        if not isinstance(rec[key], str):
+            return "wrong_type", f"{key!r} must be a string, got {type(rec[key]).__name__}"
+    if rec["chosen"] == rec["rejected"]:
+        return "same_text", "'chosen' and 'rejected' are the same text"
+    for key in NUMBER_FIELDS:
+        v = rec.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return "wrong_type", f"{key!r} must be a finite number, got {v!r:.40}"
+    if "pair_id" in rec and not isinstance(rec["pair_id"], (str, int)):
+        return "wrong_type", f"'pair_id' must be a string or integer, got {type(rec['pair_id']).__name__}"
+    return None
+
+
+def read_pairs(path: str | Path, strict: bool = True, check_images: bool = True) -> tuple[list[dict], ReadReport]:
+    """Read and validate a pairs JSONL file.
+
+    Every line is first checked as a record by ``read_records`` (same ``file:line: reason``
+    errors, images made absolute), then its pair fields by ``validate_pair``. Pairs without a
+    ``pair_id`` get ``"<id>#<line>"``; a repeated ``pair_id`` is an error. Strict: the first bad
+    line raises ``RecordError``; else bad lines are skipped and counted in the report.
+    """
+    records, report = read_records(path, strict=strict, check_images=check_images)
+    pairs: list[dict] = []
+    seen: dict[str, str] = {}
+    for rec in records:
+        problem = validate_pair(rec)
+        if problem is None:
+            line = rec["_source"].rsplit(":", 1)[1]
+            rec["pair_id"] = str(rec.get("pair_id", f"{rec['id']}#{line}"))
+            if rec["pair_id"] in seen:
+                problem = ("duplicate_pair_id", f"pair_id {rec['pair_id']!r} repeats {seen[rec['pair_id']]}")
+        if problem is not None:
+            kind, reason = problem
+            msg = f"{rec['_source']}: {reason}"
+            if strict:
+                raise RecordError(msg)
+            report.skipped[kind] += 1
+            log.warning("skipped pair %s", msg)
+            continue
+        seen[rec["pair_id"]] = rec["_source"]
+        pairs.append(rec)
+    report.kept = len(pairs)
+    return pairs, report
+
+
+def _right_pad(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)  # [N, T]
+    attention_mask = torch.zeros((n, width), dtype=torch.long)  # [N, T]
+    label_t = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)  # [N, T]
+    for i, (s, lab) in enumerate(zip(seqs, labels)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+        label_t[i, : len(lab)] = torch.tensor(lab)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_t}
+
+
+class PairCollator:
+    """``B`` pairs -> one batch of ``2B`` sequences: rows ``0..B-1`` chosen, ``B..2B-1`` rejected.
+
+    Each row is prompt + response + end-of-turn, right padded; ``labels`` hold the response
+    tokens (end-of-turn included) and -100 on prompt, image and padding tokens, as
+    ``SFTCollator``. ``pixel_values`` are the ``B`` pairs' images twice, in row order.
+    ``ref_chosen_logp`` / ``ref_rejected_logp`` (``[B]``) are added when every pair has them.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, pairs: list[dict]) -> dict:
+        tok = self.processor.tokenizer
+        enc = encode_prompts(self.processor, pairs, padding_side="left")
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+        seqs, labels = [], []
+        for key in ("chosen", "rejected"):
+            for p, pair in zip(prompts, pairs):
+                r = response_ids(tok, pair[key])
+                seqs.append(p + r)
+                labels.append([IGNORE_INDEX] * len(p) + r)
+        batch = _right_pad(seqs, labels, tok.pad_token_id)  # each [2B, T]
+        batch["pixel_values"] = torch.cat([enc["pixel_values"], enc["pixel_values"]])  # [2B*tiles, 3, H, W]
+        batch["records"] = pairs
+        batch["pair_ids"] = [p["pair_id"] for p in pairs]
+        if all(p.get(k) is not None for p in pairs for k in REF_FIELDS):
+            for k in REF_FIELDS:
+                batch[k] = torch.tensor([float(p[k]) for p in pairs], dtype=torch.float32)  # [B]
+        return batch
+
+
+class PreferenceDataModule(R1V2DataModule):
+    """Preference pairs for MPO training; ordinary records for held-out accuracy.
+
+    Validation is ``R1V2DataModule``'s (prompts of ``val_file``, evaluated by generation).
+
+    Args:
+        train_file: Pairs JSONL (``cli.py build-pairs``).
+        val_file: JSONL of held-out records (not pairs).
+        batch_size: Pairs per training batch (the forward pass sees twice as many rows).
+        eval_batch_size: Records per validation batch.
+        max_prompt_tokens: Held-out prompts longer than this are skipped (pairs are not checked:
+            they were sampled from prompts that already fit).
+        strict: Stop at the first bad line (``file:line: reason``); else skip and count.
+        max_train_pairs: Use only the first N pairs (0: all).
+        max_val_records: Use only the first N held-out records (0: all).
+        seed: Shuffling seed.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        train_file: str = "data/tiny/pairs.jsonl",
+        val_file: str | None = "data/tiny/val.jsonl",
+        batch_size: int = 16,
+        eval_batch_size: int = 100,
+        max_prompt_tokens: int = 256,
+        strict: bool = True,
+        max_train_pairs: int = 0,
+        max_val_records: int = 0,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__(
+            train_file=train_file, val_file=val_file, kind="prompts", batch_size=batch_size,
+            eval_batch_size=eval_batch_size, max_prompt_tokens=max_prompt_tokens, strict=strict,
+            max_train_records=max_train_pairs, max_val_records=max_val_records, seed=seed, num_workers=num_workers,
+        )
+        # the parent's hyperparameters that this signature names differently or fixes
+        self.hparams.update(kind="prompts", max_train_records=max_train_pairs)
+
+    def setup(self, stage: str | None = None):
+        hp = self.hparams
+        if stage in ("fit", None) and not self.train_records:
+            pairs, report = read_pairs(hp.train_file, strict=hp.strict)
+            self.skipped.update(report.skipped)
+            self.train_records = pairs[: hp.max_train_pairs] if hp.max_train_pairs else pairs
+            if not self.train_records:
+                raise ValueError(f"{hp.train_file}: no usable preference pairs (run `cli.py build-pairs` first)")
+        if hp.val_file and not self.val_records and stage in ("fit", "validate", "test", None):
+            self.val_records = self._load(hp.val_file, hp.max_val_records)
+        if self.skipped:
+            log.warning("skipped lines: %s", dict(self.skipped))
+
+    def train_dataloader(self):
+        hp = self.hparams
+        if self.sampler is None:
+            self.sampler = StatefulRandomSampler(len(self.train_records), seed=hp.seed)
+            pending = getattr(self, "_pending_sampler_state", None)
+            if pending:
+                self.sampler.load_state_dict(pending)
+        return DataLoader(
+            RecordDataset(self.train_records),
+            batch_size=hp.batch_size,
+            sampler=self.sampler,
+            collate_fn=PairCollator(self._processor()),
+            drop_last=True,
+            num_workers=hp.num_workers,
+        )
