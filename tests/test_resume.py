@@ -1,13 +1,17 @@
 """Kill -9 and resume: a run resumed with ``--ckpt_path last`` equals a run that was never stopped.
 
 Each test starts the real CLI (``python cli.py fit --config <the tiny YAML, shrunk>``) twice:
-once straight through, once paused after step k and killed with SIGKILL, then resumed with
+once straight through, once paused after batch k and killed with SIGKILL, then resumed with
 ``--ckpt_path last``. A recording callback (below; the subprocess imports this file) writes the
-prompt ids, an RNG digest and a weight sum of every step. The two final checkpoints must agree
-on everything that makes a run: weights (atol 1e-6), optimizer and scheduler state, callback
-state (the Selective Sample Buffer's rows and generator, reward counters), the RNG streams, the
-sampler's position and the MPO running delta; and the steps must have trained on the same
-prompts in the same order, none twice, none skipped.
+prompt ids, an RNG digest and a weight sum after every training batch. The two final
+checkpoints must agree on everything that makes a run: weights (atol 1e-6), optimizer and
+scheduler state, callback state (the Selective Sample Buffer's rows and generator, reward
+counters, monitors), the RNG streams, the sampler's position, the loops' progress counters and
+the MPO running delta; and the batches must hold the same prompts in the same order, none twice,
+none skipped.
+
+Steps are counted in training batches: a GRPO batch may make several optimizer steps
+(``updates_per_batch``), and ``trainer.max_steps`` counts those.
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ from lightning.pytorch import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-PAUSED = "R1V2-TEST paused after step"
-DONE = "R1V2-TEST finished step"
+PAUSED = "R1V2-TEST paused after batch"
+DONE = "R1V2-TEST finished batch"
 
 
 # ------------------------------------------------------------------ imported by the subprocess
@@ -39,33 +43,38 @@ def length_reward(completions, **_):
     return [float(len(c) % 3) for c in completions]
 
 
+def batches_done(trainer) -> int:
+    return trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+
 class StepRecorder(Callback):
-    """One JSON line per finished step (ids trained on, RNG digest, weight sum); with
-    ``pause_after=k`` it prints a marker at the start of step k+1 (after step k's checkpoint was
-    written) and sleeps until it is killed; with ``announce`` it prints ``<DONE> k`` after each
-    step; with ``sigint_after=k`` it sends itself SIGINT (Ctrl-C) at the end of step k. It draws
-    no random numbers."""
+    """One JSON line per finished training batch (its number, the ids trained on, an RNG digest,
+    a weight sum). ``pause_after=k``: prints a marker at the start of batch k+1 (after batch k's
+    checkpoint was written) and sleeps until killed. ``announce``: prints ``<DONE> k`` after each
+    batch. ``sigint_after=k``: sends itself SIGINT (Ctrl-C) at the end of batch k. It draws no
+    random numbers."""
 
     def __init__(self, path: str, pause_after: int = -1, announce: bool = False, sigint_after: int = -1):
         self.path, self.pause_after, self.announce, self.sigint_after = path, pause_after, announce, sigint_after
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.pause_after:
-            print(f"{PAUSED} {trainer.global_step}", flush=True)
+        if batches_done(trainer) == self.pause_after:
+            print(f"{PAUSED} {self.pause_after}", flush=True)
             time.sleep(600)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        k = batches_done(trainer)
         ids = batch.get("pair_ids") or [r["id"] for r in batch["records"]]
         with torch.no_grad():
             wsum = float(sum(p.double().sum() for p in pl_module.parameters()))
-        row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "ids": [str(i) for i in ids],
-               "rng": rng_digest(), "wsum": wsum}
+        row = {"batch": k, "step": trainer.global_step, "epoch": trainer.current_epoch,
+               "ids": [str(i) for i in ids], "rng": rng_digest(), "wsum": wsum}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.announce:
-            print(f"{DONE} {trainer.global_step}", flush=True)
-        if trainer.global_step == self.sigint_after:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C at a known step
+            print(f"{DONE} {k}", flush=True)
+        if k == self.sigint_after:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C at a known batch
 
 
 class KillDuringSave(Callback):
@@ -108,25 +117,32 @@ def rng_digest() -> str:
 
 
 # ----------------------------------------------------------------------------------- harness
-def stage_config(stage: str, run: Path, *, data: dict, model: dict, trainer: dict,
-                 callbacks: list[dict], record: Path, pause_after: int = -1, announce: bool = False,
-                 sigint_after: int = -1) -> Path:
-    """``configs/tiny/<stage>.yaml`` shrunk for a test; the plugins and callbacks it ships are kept."""
+def stage_config(stage: str, run: Path, *, batches: int, data: dict, model: dict, record: Path,
+                 callbacks: list[dict] = (), callback_args: dict | None = None, trainer: dict | None = None,
+                 pause_after: int = -1, announce: bool = False, sigint_after: int = -1) -> Path:
+    """``configs/tiny/<stage>.yaml`` shrunk for a test; the plugins and callbacks it ships are kept.
+
+    ``batches``: training batches to run (``max_steps`` is set from the model's updates per batch);
+    ``callbacks``: added when the YAML has none of that class (and name); ``callback_args``:
+    class name -> init_args overrides for callbacks of the YAML (test sizes, test files).
+    """
     cfg = yaml.safe_load((ROOT / "configs" / "tiny" / f"{stage}.yaml").read_text())
     t = cfg["trainer"]
     assert any("AtomicCheckpointIO" in p["class_path"] for p in t.get("plugins") or []), "config lost its plugin"
-    t.update(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(run),
-             num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, val_check_interval=None)
-    t.update(trainer)
-    for cb in t["callbacks"]:
-        if cb["class_path"].endswith("ModelCheckpoint"):
-            cb["init_args"].update(dirpath=str(run / "ckpt"), every_n_train_steps=1, save_top_k=-1)
-    present = {_callback_key(cb) for cb in t["callbacks"]}  # the YAML may already have a buffer
-    t["callbacks"] += [cb for cb in callbacks if _callback_key(cb) not in present]
-    t["callbacks"].append({"class_path": "test_resume.StepRecorder",
-                           "init_args": {"path": str(record), "pause_after": pause_after, "announce": announce,
-                                         "sigint_after": sigint_after}})
     cfg["model"]["init_args"].update(init_ckpt=None, **model)
+    updates = int(cfg["model"]["init_args"].get("updates_per_batch", 1))
+    t.update(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(run),
+             num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, val_check_interval=None,
+             max_steps=batches * updates, max_epochs=None, **(trainer or {}))
+    present = {_callback_key(cb) for cb in t["callbacks"]}
+    t["callbacks"] += [cb for cb in callbacks if _callback_key(cb) not in present]
+    for cb in t["callbacks"]:
+        name = cb["class_path"].rsplit(".", 1)[-1]
+        cb["init_args"] = dict(cb.get("init_args") or {}, **(callback_args or {}).get(name, {}))
+        if name == "ModelCheckpoint":  # a checkpoint after every batch, all kept
+            cb["init_args"].update(dirpath=str(run / "ckpt"), every_n_train_steps=1, save_top_k=-1)
+    t["callbacks"].append({"class_path": "test_resume.StepRecorder", "init_args": {
+        "path": str(record), "pause_after": pause_after, "announce": announce, "sigint_after": sigint_after}})
     cfg["data"]["init_args"].update(val_file=None, **data)
     path = run.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
@@ -152,16 +168,12 @@ class Run:
             cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.lines: list[str] = []
-        self._seen = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self):
         for line in self.proc.stdout:
             self.lines.append(line)
-            if line.startswith(PAUSED):
-                self._seen.set()
-        self._seen.set()
 
     @property
     def output(self) -> str:
@@ -179,10 +191,8 @@ class Run:
                 pytest.fail(f"never printed {text!r} (rc={self.proc.poll()}):\n{self.output[-4000:]}")
             time.sleep(0.01)
 
-    def kill_when_paused(self, timeout: float = 300) -> None:
-        if not self._seen.wait(timeout) or self.proc.poll() is not None:
-            self.proc.kill()
-            pytest.fail(f"the run never paused (rc={self.proc.poll()}):\n{self.output[-4000:]}")
+    def kill_when_paused(self, k: int) -> None:
+        self.wait_for(f"{PAUSED} {k}")
         self.proc.send_signal(signal.SIGKILL)
         self.wait(30, expect=-signal.SIGKILL)
 
@@ -198,13 +208,18 @@ class Run:
 
 
 def read_steps(path: Path) -> dict[int, dict]:
+    """Batch number -> its record (a redone batch's later line wins)."""
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["step"]: r for r in rows}
+    return {r["batch"]: r for r in rows}
 
 
 def load(path: Path) -> dict:
     # what Lightning itself does on --ckpt_path with torch >= 2.6: weights_only=True
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def batches_in(ckpt: dict) -> int:
+    return ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
 
 
 def assert_same(a, b, where: str = "checkpoint", atol: float = 1e-6):
@@ -249,24 +264,21 @@ def compare_final_checkpoints(straight: Path, resumed: Path) -> tuple[dict, dict
     return a, b
 
 
-def kill_and_resume(stage: str, tmp_path: Path, *, kill_after: int, max_steps: int, **cfg) -> dict:
-    """Run straight and killed-then-resumed (concurrently where possible); compare. Returns facts."""
+def kill_and_resume(stage: str, tmp_path: Path, *, kill_after: int, batches: int, **cfg) -> dict:
+    """Run straight and killed-then-resumed (the first two concurrently); compare. Returns facts."""
     straight_run, broken_run = tmp_path / "straight", tmp_path / "broken"
     rec_a, rec_b = tmp_path / "straight.jsonl", tmp_path / "broken.jsonl"
-    trainer = dict(cfg.pop("trainer", {}), max_steps=max_steps)
-    cfg_a = stage_config(stage, straight_run, record=rec_a, trainer=trainer, **cfg)
-    cfg_b = stage_config(stage, broken_run, record=rec_b, pause_after=kill_after, trainer=trainer, **cfg)
-    t0 = time.perf_counter()
+    cfg_a = stage_config(stage, straight_run, batches=batches, record=rec_a, **cfg)
+    cfg_b = stage_config(stage, broken_run, batches=batches, record=rec_b, pause_after=kill_after, **cfg)
     straight = Run(cfg_a, cwd=tmp_path)
     broken = Run(cfg_b, cwd=tmp_path)
-    broken.kill_when_paused()
-    ckpt_dir = broken_run / "ckpt"
-    last = ckpt_dir / "last.ckpt"
-    assert load(last)["global_step"] == kill_after
-    assert not list(ckpt_dir.glob(f"*step={kill_after + 1}*")), "the kill came too late"
+    broken.kill_when_paused(kill_after)
+    last = broken_run / "ckpt" / "last.ckpt"
+    assert batches_in(load(last)) == kill_after
+    assert sorted(read_steps(rec_b)) == list(range(1, kill_after + 1))  # killed before batch k+1 ran
 
     # resume: the same config without the pause, `--ckpt_path last` resolved by Lightning
-    cfg_c = stage_config(stage, broken_run, record=rec_b, trainer=trainer, **cfg)
+    cfg_c = stage_config(stage, broken_run, batches=batches, record=rec_b, **cfg)
     resumed = Run(cfg_c, "--ckpt_path", "last", cwd=tmp_path)
     resumed.wait()
     straight.wait()
@@ -274,16 +286,16 @@ def kill_and_resume(stage: str, tmp_path: Path, *, kill_after: int, max_steps: i
     assert "dataloader is not resumable" not in resumed.output
 
     a, b = compare_final_checkpoints(straight_run / "ckpt" / "last.ckpt", last)
-    assert a["global_step"] == max_steps
+    assert batches_in(a) == batches
 
-    # the same prompts in the same order, the same RNG stream and weights after every step
+    # the same prompts in the same order, the same RNG stream and weights after every batch
     steps_a, steps_b = read_steps(rec_a), read_steps(rec_b)
-    assert sorted(steps_a) == sorted(steps_b) == list(range(1, max_steps + 1))
+    assert sorted(steps_a) == sorted(steps_b) == list(range(1, batches + 1))
     for s in steps_a:
-        assert steps_a[s]["ids"] == steps_b[s]["ids"], f"step {s}: trained on other prompts"
-        assert steps_a[s]["rng"] == steps_b[s]["rng"], f"step {s}: RNG streams differ"
-        assert steps_a[s]["wsum"] == pytest.approx(steps_b[s]["wsum"], abs=1e-6), f"step {s}: weights differ"
-    return {"straight": a, "steps": steps_a, "seconds": time.perf_counter() - t0}
+        assert steps_a[s]["ids"] == steps_b[s]["ids"], f"batch {s}: trained on other prompts"
+        assert steps_a[s]["rng"] == steps_b[s]["rng"], f"batch {s}: RNG streams differ"
+        assert steps_a[s]["wsum"] == pytest.approx(steps_b[s]["wsum"], abs=1e-6), f"batch {s}: weights differ"
+    return {"straight": a, "steps": steps_a}
 
 
 # --------------------------------------------------------------------------------------- tests
@@ -292,28 +304,28 @@ def data16(tmp_path_factory):
     from lightning_r1v2.data.synthetic import make_data
 
     out = tmp_path_factory.mktemp("resume_data")
-    make_data(str(out), train=16, val=0, seed=7, difficulty="easy")
+    make_data(str(out), train=16, val=2, seed=7, difficulty="easy")
     return out
 
 
-GRPO = dict(
-    model={"group_size": 2, "table_every_n_steps": 0, "engine": {
-        "class_path": "lightning_r1v2.rollout.HFGenerateEngine", "init_args": {"max_new_tokens": 8, "temperature": 1.0}}},
-    callbacks=[
-        {"class_path": "lightning_r1v2.rewards.RewardCallback",
-         "init_args": {"fn": "test_resume.length_reward", "name": "length", "weight": 1.0}},
-        {"class_path": "lightning_r1v2.callbacks.SelectiveSampleBuffer", "init_args": {"capacity": 16, "max_age": 8}},
-    ],
-)
-
-
-def _grpo_cfg(data16, clear_every_epoch=False, **data):
-    cfg = {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in GRPO.items()}
-    cfg["data"] = {"train_file": str(data16 / "train.jsonl"), "batch_size": 2, **data}
-    if clear_every_epoch:
-        cfg["callbacks"] = [dict(cb, init_args=dict(cb["init_args"], clear_every_epoch=True))
-                            if cb["class_path"].endswith("SelectiveSampleBuffer") else cb for cb in cfg["callbacks"]]
-    return cfg
+def grpo_cfg(data16, clear_every_epoch=False, **data) -> dict:
+    """Test sizes for configs/tiny/grpo.yaml: 2 prompts x 2 samples of 8 tokens per batch."""
+    buffer = {"capacity": 16, "max_age": 8, "clear_every_epoch": clear_every_epoch}
+    return {
+        "model": {"group_size": 2, "table_every_n_steps": 0, "engine": {
+            "class_path": "lightning_r1v2.rollout.HFGenerateEngine", "init_args": {"max_new_tokens": 8}}},
+        "data": {"train_file": str(data16 / "train.jsonl"), "batch_size": 2, **data},
+        "callbacks": [
+            {"class_path": "lightning_r1v2.rewards.RewardCallback",
+             "init_args": {"fn": "test_resume.length_reward", "name": "length", "weight": 1.0}},
+            {"class_path": "lightning_r1v2.callbacks.SelectiveSampleBuffer", "init_args": buffer},
+        ],
+        "callback_args": {
+            "SelectiveSampleBuffer": buffer,
+            "CriticalTokenEntropy": {"data_file": str(data16 / "val.jsonl"), "num_prompts": 2, "every_n_steps": 2,
+                                     "max_new_tokens": 8},
+        },
+    }
 
 
 def _ssb_state(ckpt: dict) -> dict:
@@ -321,8 +333,8 @@ def _ssb_state(ckpt: dict) -> dict:
 
 
 def test_grpo_kill_mid_epoch_and_resume_equals_a_run_never_stopped(data16, tmp_path):
-    # 16 prompts, 2 per step: 8 steps an epoch; killed after step 2 of 4
-    facts = kill_and_resume("grpo", tmp_path, kill_after=2, max_steps=4, **_grpo_cfg(data16))
+    # 16 prompts, 2 per batch: 8 batches an epoch; killed after batch 2 of 4
+    facts = kill_and_resume("grpo", tmp_path, kill_after=2, batches=4, **grpo_cfg(data16))
     ids = [i for s in sorted(facts["steps"]) for i in facts["steps"][s]["ids"]]
     assert len(ids) == len(set(ids)) == 8  # one epoch: no prompt twice
     buffer = _ssb_state(facts["straight"])
@@ -331,10 +343,10 @@ def test_grpo_kill_mid_epoch_and_resume_equals_a_run_never_stopped(data16, tmp_p
 
 @pytest.mark.slow
 def test_grpo_kill_at_an_epoch_boundary_and_resume(data16, tmp_path):
-    # 4 prompts, 2 per step: killed after step 2, the last of epoch 0; epoch 1 must reshuffle, and
-    # the epoch-end hooks must run (the buffer empties at each epoch end here)
-    cfg = _grpo_cfg(data16, clear_every_epoch=True, max_train_records=4)
-    facts = kill_and_resume("grpo", tmp_path, kill_after=2, max_steps=4, **cfg)
+    # 4 prompts, 2 per batch: killed after batch 2, the last of epoch 0; epoch 1 must reshuffle,
+    # and the epoch-end hooks must run (the buffer empties at each epoch end here)
+    cfg = grpo_cfg(data16, clear_every_epoch=True, max_train_records=4)
+    facts = kill_and_resume("grpo", tmp_path, kill_after=2, batches=4, **cfg)
     steps = facts["steps"]
     assert [steps[s]["epoch"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
     first, second = steps[1]["ids"] + steps[2]["ids"], steps[3]["ids"] + steps[4]["ids"]
@@ -358,22 +370,21 @@ def pairs16(data16):
 
 @pytest.mark.slow
 def test_mpo_kill_and_resume_keeps_the_running_delta(pairs16, tmp_path):
-    cfg = {"data": {"train_file": str(pairs16), "batch_size": 2}, "model": {}, "callbacks": []}
-    facts = kill_and_resume("mpo", tmp_path, kill_after=2, max_steps=4, **cfg)
+    cfg = {"data": {"train_file": str(pairs16), "batch_size": 2}, "model": {}}
+    facts = kill_and_resume("mpo", tmp_path, kill_after=2, batches=4, **cfg)
     a = facts["straight"]
     assert a["mpo_delta"] and len(a["mpo_ref_logps"]) == 16  # compared above, and not trivially empty
 
 
 # ---------------------------------------------------------------------------- atomic checkpoints
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(data16, tmp_path):
-    # saves per step: epoch=0-step=k.ckpt, then last.ckpt; the 4th save is step 2's last.ckpt
+    # saves per batch: epoch=0-step=k.ckpt, then last.ckpt; the 4th save is batch 2's last.ckpt
     run = tmp_path / "run"
-    cfg = stage_config(
-        "sft", run, record=tmp_path / "steps.jsonl", trainer={"max_steps": 3},
-        data={"train_file": str(data16 / "train.jsonl"), "batch_size": 2}, model={},
-        callbacks=[{"class_path": "test_resume.KillDuringSave", "init_args": {"at": 4}}],
-    )
-    killed = Run(cfg, cwd=tmp_path).wait(expect=-signal.SIGKILL)
+    cfg = dict(batches=3, record=tmp_path / "steps.jsonl", model={},
+               data={"train_file": str(data16 / "train.jsonl"), "batch_size": 2})
+    killing = stage_config("sft", run, **cfg, callbacks=[{"class_path": "test_resume.KillDuringSave",
+                                                          "init_args": {"at": 4}}])
+    killed = Run(killing, cwd=tmp_path).wait(expect=-signal.SIGKILL)
     ckpt_dir = run / "ckpt"
     partial = [p for p in ckpt_dir.iterdir() if p.name.startswith(".last.ckpt.") and p.name.endswith(".partial")]
     assert len(partial) == 1 and f"killed while writing {partial[0]}" in killed.output, killed.output[-2000:]
@@ -384,13 +395,11 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(data16,
 
     # `--ckpt_path last` resolves to the intact last.ckpt, not the partial file; the next save
     # removes the dead process's partial file
-    cfg = stage_config("sft", run, record=tmp_path / "steps.jsonl", trainer={"max_steps": 3},
-                       data={"train_file": str(data16 / "train.jsonl"), "batch_size": 2}, model={}, callbacks=[])
-    resumed = Run(cfg, "--ckpt_path", "last", cwd=tmp_path).wait()
+    resumed = Run(stage_config("sft", run, **cfg), "--ckpt_path", "last", cwd=tmp_path).wait()
     assert f"Restoring states from the checkpoint path at {ckpt_dir / 'last.ckpt'}" in resumed.output
     assert load(ckpt_dir / "last.ckpt")["global_step"] == 3
     assert not list(ckpt_dir.glob(".*.partial"))
-    assert [r["step"] for r in map(json.loads, (tmp_path / "steps.jsonl").read_text().splitlines())] == [1, 2, 2, 3]
+    assert [r["batch"] for r in map(json.loads, (tmp_path / "steps.jsonl").read_text().splitlines())] == [1, 2, 2, 3]
 
 
 def test_atomic_io_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):

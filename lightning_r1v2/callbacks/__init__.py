@@ -3,5 +3,6 @@ from .buffer import SelectiveSampleBuffer
 from .entropy import CriticalTokenEntropy
 from .hallucination import HallucinationMonitor
 from .hooks import RolloutHooks, call_rollout_hook
+from .interrupt import SaveOnInterrupt
 
-__all__ = ["SelectiveSampleBuffer", "CriticalTokenEntropy", "HallucinationMonitor", "RolloutHooks", "call_rollout_hook"]
+__all__ = ["SelectiveSampleBuffer", "CriticalTokenEntropy", "HallucinationMonitor", "RolloutHooks", "SaveOnInterrupt", "call_rollout_hook"]

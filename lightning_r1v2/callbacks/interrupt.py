@@ -1,8 +1,10 @@
 """Ctrl-C during training: save a checkpoint that resumes, then stop with a message.
 
-First Ctrl-C (SIGINT) while training: the current step finishes, a checkpoint is written to
-``<dirpath>/<filename>.ckpt`` at that step boundary, and the process exits with status 130 (the
-shell's "stopped by Ctrl-C"). That checkpoint resumes exactly like a ModelCheckpoint one::
+First Ctrl-C (SIGINT) while training: the current step finishes (with its callbacks, its
+ModelCheckpoint save and any validation due after it); before the next step begins a checkpoint
+is written to ``<dirpath>/<filename>.ckpt`` and the process exits with status 130 (the shell's
+"stopped by Ctrl-C"). That checkpoint resumes exactly, as if the run had never stopped
+(``tests/test_interrupt.py`` compares weights, optimizer, buffer, RNG and loop counters)::
 
     python cli.py fit --config configs/tiny/grpo.yaml --ckpt_path runs/grpo/checkpoints/interrupted.ckpt
 
@@ -53,11 +55,13 @@ class SaveOnInterrupt(Callback):
         self._training = False
         self._mid_step = False
         self._at_batch_start = False
+        self._stop_now = False
 
     # ------------------------------------------------------------------ signal
     def _on_sigint(self, signum, frame):
         if self.requested:  # second Ctrl-C: stop now
             self._restore_handler()
+            self._stop_now = True
             raise KeyboardInterrupt
         self.requested = True
         # os.write, not print: a handler that prints while the main thread prints can fail (reentrant call)
@@ -84,7 +88,7 @@ class SaveOnInterrupt(Callback):
         return Path(folder) / f"{self.filename}.ckpt"
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.requested, self.saved_path, self._training = False, None, True
+        self.requested, self.saved_path, self._training, self._stop_now = False, None, True, False
         self._install_handler()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -119,10 +123,15 @@ class SaveOnInterrupt(Callback):
                         "the run goes on correctly but not bit-for-bit as if never stopped")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if not isinstance(exception, KeyboardInterrupt):
+        # A KeyboardInterrupt raised inside torch.save (e.g. ModelCheckpoint's) reaches Lightning as
+        # the RuntimeError of the half-written zip file: still our second Ctrl-C.
+        if not isinstance(exception, KeyboardInterrupt) and not self._stop_now:
             self._restore_handler()
             return
-        self._previous_handler = None  # Lightning now ignores SIGINT while it shuts down: leave it so
+        if isinstance(exception, KeyboardInterrupt):
+            self._previous_handler = None  # Lightning now ignores SIGINT while it shuts down: leave it so
+        else:
+            self._restore_handler()
         if not self._training or self.saved_path:
             return
         if not self.save_mid_step:

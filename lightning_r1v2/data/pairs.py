@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .collate import IGNORE_INDEX, encode_prompts, response_ids
-from .datamodule import R1V2DataModule, RecordDataset, StatefulRandomSampler
+from .datamodule import R1V2DataModule, RecordDataset, StatefulRandomSampler, loader_generator
 from .records import ReadReport, RecordError, read_records
 
 log = logging.getLogger("lightning_r1v2.data")
@@ -196,4 +196,5 @@ class PreferenceDataModule(R1V2DataModule):
             collate_fn=PairCollator(self._processor()),
             drop_last=True,
             num_workers=hp.num_workers,
+            generator=loader_generator(hp.seed),
         )

@@ -6,7 +6,10 @@
   ``--ckpt_path last`` (which picks the newest ``last*.ckpt`` of the ModelCheckpoint folder) never
   resolves to it; partial files of dead processes are removed by the next save.
   (Lightning's own ``TorchCheckpointIO`` serialises into memory and then writes the final name in
-  place: a kill during that write leaves a truncated ``last.ckpt``.)
+  place: a kill during that write leaves a truncated ``last.ckpt``.) Use ModelCheckpoint's
+  ``save_last: true``: ``last.ckpt`` is then a full save through this class, atomic too.
+  ``save_last: link`` deletes ``last.ckpt`` and then makes a new symlink, so a kill in between
+  leaves no ``last.ckpt`` and ``--ckpt_path last`` silently starts from scratch.
 - ``rng_state()`` / ``set_rng_state()`` capture Python, NumPy and torch generators, which
   Lightning 2.6 does not restore on ``--ckpt_path``; the modules save them with every checkpoint
   and restore them when training restarts, so sampling continues exactly. The state is plain
