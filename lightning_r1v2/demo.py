@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(title: str, args: list[str], log: Path) -> float:
     print(f"\n=== {title}\n$ python cli.py {' '.join(args)}", flush=True)
     t0 = time.perf_counter()
+    stop = threading.Event()
+
+    def heartbeat():  # Lightning's progress bar does not draw into a pipe: show that work goes on
+        while not stop.wait(30):
+            print(f"  ... {title.split(' ', 1)[1]} running, {time.perf_counter() - t0:.0f}s", flush=True)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
@@ -31,6 +39,7 @@ def _run(title: str, args: list[str], log: Path) -> float:
             if _worth_showing(line):
                 print("  " + line.rstrip()[:160], flush=True)
         code = proc.wait()
+    stop.set()
     took = time.perf_counter() - t0
     if code != 0:
         tail = log.read_text().splitlines()[-25:]
