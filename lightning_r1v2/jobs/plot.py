@@ -95,14 +95,14 @@ def plot_mpo(metrics_csv: str | Path, out_dir: str | Path) -> list[str]:
             ("train/loss/gen", "generation (SFT)"), ("train/loss", "total"), ("train/delta", "BCO shift delta")]
     if not any(s.get(k) for k, _ in keys):
         return []
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     for k, label in keys:
         _line(ax, s, k, label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (5-step mean)")
     ax.set_title("MPO loss terms")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = Path(out_dir) / "mpo_losses.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,11 +113,12 @@ def plot_mpo(metrics_csv: str | Path, out_dir: str | Path) -> list[str]:
 
 def plot_stages(results: list[dict], out_dir: str | Path) -> list[str]:
     """Bar charts of accuracy and hallucination rate per stage."""
-    stages = [r["stage"] for r in results]
+    colours = {"majority answer": "#999999", "SFT": "#4c72b0", "MPO": "#55a868", "GRPO": "#c44e52"}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, title in ((axes[0], "accuracy", "held-out accuracy"), (axes[1], "hallucination", "hallucination rate")):
-        vals = [r.get(key) or 0.0 for r in results]
-        bars = ax.bar(stages, vals, color=["#999999", "#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(stages)])
+        rows = [r for r in results if r.get(key) is not None]  # the baseline has no hallucination rate
+        stages, vals = [r["stage"] for r in rows], [r[key] for r in rows]
+        bars = ax.bar(stages, vals, color=[colours.get(s, "#8172b2") for s in stages])
         for b, v in zip(bars, vals):
             ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.1%}", ha="center", fontsize=9)
         ax.set_title(title)
