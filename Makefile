@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -q
 
-.PHONY: install demo test test-all clean-runs
+.PHONY: install demo test test-all lint clean-runs
 
 install: $(STAMP)
 
@@ -22,8 +22,12 @@ $(STAMP): setup.cfg pyproject.toml
 demo: install
 	$(PY) -m lightning_r1v2.demo
 
-test: install
+test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# undefined names and unused imports (pyflakes, from [dev])
+lint: install
+	$(PY) -m pyflakes lightning_r1v2 cli.py benchmarks tests
 
 # also the end-to-end runs marked slow
 test-all: install

@@ -52,6 +52,7 @@ from lightning.pytorch import Callback
 from torch import Tensor
 
 from ..data.collate import PromptCollator
+from ..rollout.scoring import completion_logits
 from ..data.records import read_records
 from ..losses import entropy_from_logits
 from ..rollout.hf_engine import HFGenerateEngine, blocked_token_ids
@@ -270,19 +271,7 @@ class CriticalTokenEntropy(Callback):
 
     def _entropies(self, model, rows, blocked: list[int]) -> Tensor:
         """``[n, C]`` entropy of the distribution that chose each completion token."""
-        input_ids = torch.cat([rows.prompt_ids, rows.completion_ids], dim=1)  # [n, P+C]
-        attention_mask = torch.cat([rows.prompt_mask, rows.completion_mask], dim=1)  # [n, P+C]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers them
-        C = rows.completion_ids.shape[1]
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            pixel_values=rows.pixel_values.to(model.dtype),
-            logits_to_keep=C + 1,
-        )
-        logits = out.logits[:, :-1].float() / self.temperature  # [n, C, V] position t chooses token t
-        logits[..., blocked] = float("-inf")  # the distribution the engine samples from
+        logits = completion_logits(model, rows, self.temperature, blocked).float()  # [n, C, V]
         return entropy_from_logits(logits)  # [n, C]
 
     def _stats(self, trainer, pl_module) -> dict[str, float]:

@@ -178,13 +178,18 @@ class R1V2DataModule(L.LightningDataModule):
         if self.skipped:
             log.warning("skipped records: %s", dict(self.skipped))
 
-    def train_dataloader(self):
-        hp = self.hparams
+    def _train_sampler(self) -> StatefulRandomSampler:
+        """The resumable sampler over the training records (restored from a checkpoint if pending)."""
         if self.sampler is None:
-            self.sampler = StatefulRandomSampler(len(self.train_records), seed=hp.seed)
+            self.sampler = StatefulRandomSampler(len(self.train_records), seed=self.hparams.seed)
             pending = getattr(self, "_pending_sampler_state", None)
             if pending:
                 self.sampler.load_state_dict(pending)
+        return self.sampler
+
+    def train_dataloader(self):
+        hp = self.hparams
+        self._train_sampler()
         collate = SFTCollator(self._processor()) if hp.kind == "sft" else PromptCollator(self._processor())
         return DataLoader(
             RecordDataset(self.train_records),

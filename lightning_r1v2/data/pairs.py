@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .collate import IGNORE_INDEX, encode_prompts, response_ids
-from .datamodule import R1V2DataModule, RecordDataset, StatefulRandomSampler, loader_generator
+from .datamodule import R1V2DataModule, RecordDataset, loader_generator
 from .records import ReadReport, RecordError, read_records
 
 log = logging.getLogger("lightning_r1v2.data")
@@ -184,15 +184,10 @@ class PreferenceDataModule(R1V2DataModule):
 
     def train_dataloader(self):
         hp = self.hparams
-        if self.sampler is None:
-            self.sampler = StatefulRandomSampler(len(self.train_records), seed=hp.seed)
-            pending = getattr(self, "_pending_sampler_state", None)
-            if pending:
-                self.sampler.load_state_dict(pending)
         return DataLoader(
             RecordDataset(self.train_records),
             batch_size=hp.batch_size,
-            sampler=self.sampler,
+            sampler=self._train_sampler(),
             collate_fn=PairCollator(self._processor()),
             drop_last=True,
             num_workers=hp.num_workers,

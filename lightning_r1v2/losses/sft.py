@@ -13,7 +13,6 @@ Departures from the papers, and why:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lightning_r1v2.losses.common import masked_mean, token_logprobs

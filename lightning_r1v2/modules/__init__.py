@@ -4,4 +4,4 @@ from .grpo import GRPOModule
 from .mpo import MPOModule
 from .sft import SFTModule
 
-__all__ = ["PolicyModule", "SFTModule", "GRPOModule"]
+__all__ = ["PolicyModule", "SFTModule", "MPOModule", "GRPOModule"]

@@ -25,6 +25,7 @@ from ..callbacks.hooks import call_rollout_hook
 from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, token_logprobs
 from ..rewards.combine import combine_rewards
 from ..rollout.hf_engine import HFGenerateEngine, blocked_token_ids
+from ..rollout.scoring import completion_logits
 from ..rollout.types import Rollouts
 from .common import PolicyModule
 
@@ -95,30 +96,11 @@ class GRPOModule(PolicyModule):
 
     def sequence_logprobs(self, model, rows: Rollouts, with_entropy: bool = False):
         """Per-token log-probs ``[n, C]`` of the completions under ``model`` (and entropies)."""
-        input_ids = torch.cat([rows.prompt_ids, rows.completion_ids], dim=1)  # [n, P+C]
-        attention_mask = torch.cat([rows.prompt_mask, rows.completion_mask], dim=1)  # [n, P+C]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers them
-        C = rows.completion_ids.shape[1]
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            pixel_values=rows.pixel_values.to(model.dtype),
-            logits_to_keep=C + 1,
-        )
-        logits = out.logits[:, :-1] / self.engine.temperature  # [n, C, V] position t predicts token t
-        logits = logits.masked_fill(self._blocked_mask(logits), float("-inf"))  # as sampled
+        logits = completion_logits(model, rows, self.engine.temperature, blocked_token_ids(self.tokenizer))
         logp = token_logprobs(logits, rows.completion_ids)  # [n, C]
         logp = logp.masked_fill(rows.completion_mask == 0, 0.0)  # padding is a blocked token (-inf)
         ent = entropy_from_logits(logits.detach()) if with_entropy else None  # [n, C]
         return logp, ent
-
-    def _blocked_mask(self, logits):
-        if getattr(self, "_blocked", None) is None or self._blocked.shape[0] != logits.shape[-1]:
-            mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
-            mask[blocked_token_ids(self.tokenizer)] = True
-            self._blocked = mask
-        return self._blocked.to(logits.device)
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch, batch_idx):
