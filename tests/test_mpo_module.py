@@ -66,6 +66,36 @@ def test_precomputed_reference_equals_the_model_reference(pairs_file):
     assert torch.allclose(rc_m, rc_p, atol=1e-4) and torch.allclose(rr_m, rr_p, atol=1e-4)
 
 
+def test_precompute_is_sharded_over_ranks_in_lockstep(pairs_file, monkeypatch):
+    """Two ranks each score half the pairs with the same number of forward passes; the union is the table."""
+    from types import SimpleNamespace
+
+    import lightning_r1v2.modules.mpo as mpo_mod
+
+    pairs, _ = read_pairs(pairs_file)
+    pairs = pairs[:7]  # rank 0 gets 4 (batches of 3 + 1), rank 1 gets 3 (3 + a filler batch)
+    full = MPOModule(reference="precomputed", seed=1)
+    full.precompute_reference(pairs, PairCollator(full.processor))
+    parts, forwards = [], []
+    for rank in range(2):
+        m = MPOModule(reference="precomputed", seed=1, ref_batch_size=3)
+        m._trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        calls = []
+        orig = m.response_logprobs
+        monkeypatch.setattr(m, "response_logprobs", lambda model, batch, orig=orig, calls=calls: calls.append(1) or orig(model, batch))
+        monkeypatch.setattr(mpo_mod.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, {}]))
+        assert m.precompute_reference(pairs, PairCollator(m.processor)) == 7
+        m._trainer = None
+        parts.append(dict(m.ref_logps))
+        forwards.append(len(calls))
+    assert forwards == [2, 2]  # ceil(ceil(7 / 2) / 3) on each rank
+    assert set(parts[0]) == {p["pair_id"] for p in pairs[0::2]} and set(parts[1]) == {p["pair_id"] for p in pairs[1::2]}
+    merged = {**parts[0], **parts[1]}
+    assert merged.keys() == full.ref_logps.keys()
+    for k, v in merged.items():
+        assert v == pytest.approx(full.ref_logps[k], abs=1e-4)
+
+
 def _trainer(tmp_path, steps, **kw):
     return L.Trainer(
         max_steps=steps, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
@@ -133,3 +163,47 @@ def test_bad_arguments():
         MPOModule(reference="none")
     with pytest.raises(ValueError, match="beta must be > 0"):
         MPOModule(beta=0.0)
+
+
+def first_sample_passes(completions, id, **kwargs):
+    """A fake reward: the first sample of each record scores 1, the others 0 (so every question pairs)."""
+    seen, out = set(), []
+    for rid in id:
+        out.append(0.0 if rid in seen else 1.0)
+        seen.add(rid)
+    return out
+
+
+def test_reference_logps_stored_by_build_pairs_are_used_only_for_the_same_policy(tiny_data, tmp_path, capsys):
+    from lightning_r1v2.jobs.build_pairs import build_pairs
+
+    torch.manual_seed(0)
+    policy = MPOModule(reference="precomputed", seed=5)
+    t = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    t.strategy.connect(policy)
+    ckpt = tmp_path / "policy.ckpt"
+    t.save_checkpoint(ckpt)
+    out = tmp_path / "pairs.jsonl"
+    rewards = [{"class_path": "lightning_r1v2.rewards.RewardCallback",
+                "init_args": {"fn": first_sample_passes, "name": "accuracy"}}]
+    rep = build_pairs(str(ckpt), data=str(tiny_data / "train.jsonl"), out=str(out), num_samples=3, max_new_tokens=5,
+                      max_pairs_per_question=1, rewards=rewards, limit=4, store_ref_logps=True, ref_batch_size=3)
+    pairs, _ = read_pairs(out)
+    assert rep["pairs"] == len(pairs) == 4 and all(p["ref_policy"] == str(ckpt) for p in pairs)
+    # the stored values are what the MPO module computes itself under that policy
+    fresh = MPOModule(reference="precomputed", init_ckpt=str(ckpt), seed=0)
+    fresh.precompute_reference(pairs, PairCollator(fresh.processor))
+    for p in pairs:
+        assert (p["ref_chosen_logp"], p["ref_rejected_logp"]) == pytest.approx(fresh.ref_logps[p["pair_id"]], abs=1e-4)
+
+    def fit_and_message(init_ckpt):
+        m = MPOModule(reference="precomputed", init_ckpt=init_ckpt, lr=1e-4)
+        dm = PreferenceDataModule(train_file=str(out), val_file=None, batch_size=2)
+        capsys.readouterr()
+        _trainer(tmp_path, 1).fit(m, dm)
+        return m, capsys.readouterr().out
+
+    m, msg = fit_and_message(str(ckpt))
+    assert "read from the pairs file" in msg and len(m.ref_logps) == 4
+    m, msg = fit_and_message(None)  # another initial policy: the stored values do not apply
+    assert "scored 4 pairs" in msg

@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from .sampling import (
     build_reward_callbacks,
     default_report_path,
@@ -50,6 +52,23 @@ def select_pairs(completions: list[str], rewards: list[float], threshold: float,
     return cands[:max_pairs] if max_pairs else cands
 
 
+@torch.no_grad()
+def reference_logps(module, pairs: list[dict], batch_size: int = 64) -> list[tuple[float, float]]:
+    """``(log pi(chosen), log pi(rejected))`` of each pair under ``module``'s policy, summed over tokens."""
+    from ..data.pairs import PairCollator
+    from ..modules.mpo import response_logprobs
+
+    collate = PairCollator(module.processor)
+    model = module.model.eval()
+    out: list[tuple[float, float]] = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        logp, _ = response_logprobs(model, collate(chunk))  # [2B]
+        B = len(chunk)
+        out.extend((float(logp[j]), float(logp[B + j])) for j in range(B))
+    return out
+
+
 def build_pairs(
     ckpt_path: str,
     data: str = "data/tiny/train.jsonl",
@@ -68,6 +87,8 @@ def build_pairs(
     limit: int = 0,
     report: str | None = None,
     progress_every: int = 5,
+    store_ref_logps: bool = False,
+    ref_batch_size: int = 64,
 ) -> dict:
     """Sample the policy and write MPO preference pairs (JSONL) plus a report (JSON).
 
@@ -92,6 +113,11 @@ def build_pairs(
         limit: Use only the first ``limit`` records (0: all).
         report: Report path (default: ``out`` with ``.report.json``).
         progress_every: Print progress every this many batches.
+        store_ref_logps: Also score each pair under the sampling policy and write
+            ``ref_chosen_logp`` / ``ref_rejected_logp`` / ``ref_policy``: an MPO run with
+            ``reference: precomputed`` and ``init_ckpt`` = ``ckpt_path`` then reads them instead
+            of scoring the pairs itself (a different ``init_ckpt`` scores them again).
+        ref_batch_size: Pairs per forward pass for ``store_ref_logps``.
 
     Returns:
         The report: questions, questions without a pair, pairs, pairs per question, mean gap,
@@ -103,6 +129,7 @@ def build_pairs(
     records = load_records(data, limit)
     out_dir = Path(out).parent
     rows: list[dict] = []
+    to_score: list[dict] = []  # the rows with absolute image paths, for store_ref_logps
     per_question: list[int] = []
     gaps: list[float] = []
     n_samples = n_correct = n_unique = 0
@@ -117,6 +144,9 @@ def build_pairs(
         base = output_record(g.record, out_dir)
         base.pop("response", None)  # the SFT target is not a sample of this policy
         for k, (c, r, gap) in enumerate(pairs):
+            if store_ref_logps:
+                to_score.append({**g.record, "pair_id": f"{g.record['id']}/{k}",
+                                 "chosen": g.completions[c], "rejected": g.completions[r]})
             rows.append({
                 **base,
                 "pair_id": f"{g.record['id']}/{k}",
@@ -133,6 +163,9 @@ def build_pairs(
         mean_reward += sum(g.reward)
         if correct_reward in g.rewards:
             n_correct += sum(v > 0.5 for v in g.rewards[correct_reward])
+    if store_ref_logps and rows:
+        for row, (lc, lr) in zip(rows, reference_logps(module, to_score, ref_batch_size)):
+            row.update(ref_chosen_logp=lc, ref_rejected_logp=lr, ref_policy=str(ckpt_path))
     write_jsonl(out, rows)
     q = len(per_question)
     rep = {

@@ -35,7 +35,7 @@ class SampledGroup:
     """The ``N`` scored samples of one record."""
 
     record: dict
-    completions: list[str]  # [N] decoded text, cut at the end-of-turn token, special tokens kept
+    completions: list[str]  # [N] decoded text without EOS and padding, reasoning tags kept
     rewards: dict[str, list[float]] = field(default_factory=dict)  # reward name -> [N] (NaN: n/a)
     reward: list[float] = field(default_factory=list)  # [N] combined
     truncated: list[bool] = field(default_factory=list)  # [N] hit max_new_tokens
@@ -102,21 +102,6 @@ def output_record(rec: dict, out_dir: str | Path) -> dict:
     return out
 
 
-def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
-    """Completion texts with special tokens kept (``<think>`` is one in the tiny tokenizer), cut at EOS
-    and not stripped, so that tokenizing a text again gives back the sampled tokens.
-
-    The engine's own ``completions`` drop special tokens, which would erase the R1 template's tags.
-    """
-    from ..modules.common import clean_completion
-
-    out = []
-    for ids, mask in zip(completion_ids, completion_mask):  # [C], [C]
-        text = tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=False)
-        out.append(clean_completion(text, tokenizer))
-    return out
-
-
 class Progress:
     """Prints ``done/total``, the rate and the time left every ``every`` batches (and at the end)."""
 
@@ -171,7 +156,6 @@ def sample_groups(
     engine = HFGenerateEngine(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               record_logprobs=False)
     collate = PromptCollator(module.processor)
-    tok = module.tokenizer
     weights = {cb.name: cb.weight for cb in callbacks}
     groups = {cb.name: cb.group for cb in callbacks if getattr(cb, "group", None)}
     torch.manual_seed(seed)
@@ -179,8 +163,7 @@ def sample_groups(
     G = num_samples
     for start in range(0, len(records), batch_size):
         recs = records[start : start + batch_size]
-        rollouts = engine.generate(module, collate(recs), G)
-        rollouts.completions = decode_completions(tok, rollouts.completion_ids, rollouts.completion_mask)
+        rollouts = engine.generate(module, collate(recs), G)  # completions keep <think>, drop EOS and padding
         for cb in callbacks:
             rollouts.rewards[cb.name] = cb.score(rollouts)
         reward = combine_rewards(rollouts.rewards, weights, mode=reward_mode, groups=groups)  # [B*G]

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from ..losses import RunningMean, mpo_loss, mpo_rewards, shift_for_causal_lm, token_logprobs
 from .common import PolicyModule
@@ -42,7 +42,8 @@ class MPOModule(PolicyModule):
         reference: ``model`` keeps a frozen copy of the initial policy (saved in checkpoints);
             ``precomputed`` scores all training pairs once in ``on_fit_start`` (or takes
             ``ref_chosen_logp`` / ``ref_rejected_logp`` from the pairs file when every pair
-            has them) and keeps no reference model.
+            has them and their ``ref_policy``, if given, is ``init_ckpt``) and keeps no
+            reference model.
         ref_batch_size: Pairs per forward pass when precomputing reference log-probs.
         **kwargs: ``PolicyModule`` arguments (model, trainable, lr, init_ckpt, ...).
     """
@@ -79,22 +80,8 @@ class MPOModule(PolicyModule):
 
     # --------------------------------------------------------------- log-probs
     def response_logprobs(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row log-prob of the response summed over its tokens ``[N]``, and its token count ``[N]``.
-
-        Rows are ``PairCollator`` rows (right padded, ``labels`` -100 outside the response).
-        """
-        attention_mask = batch["attention_mask"]  # [N, T]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, T] as generate() numbers them
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            pixel_values=batch["pixel_values"].to(model.dtype),
-        )
-        logits, labels = shift_for_causal_lm(out.logits, batch["labels"])  # [N, T-1, V], [N, T-1]
-        mask = (labels != -100).float()  # [N, T-1]
-        logp = token_logprobs(logits, labels) * mask  # [N, T-1]
-        return logp.sum(-1), mask.sum(-1)  # [N], [N]
+        """``response_logprobs(model, batch)`` (module level), a method so tests can wrap it."""
+        return response_logprobs(model, batch)
 
     def reference_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs ``[B]`` of the chosen and rejected responses of ``batch``."""
@@ -103,8 +90,6 @@ class MPOModule(PolicyModule):
             with torch.no_grad():
                 ref, _ = self.response_logprobs(self.ref_model, batch)  # [2B]
             return ref[:B], ref[B:]
-        if "ref_chosen_logp" in batch:
-            return batch["ref_chosen_logp"].to(self.device), batch["ref_rejected_logp"].to(self.device)
         missing = [i for i in batch["pair_ids"] if i not in self.ref_logps]
         if missing:
             raise KeyError(f"no precomputed reference log-probs for pair {missing[0]!r} ({len(missing)} missing)")
@@ -113,20 +98,37 @@ class MPOModule(PolicyModule):
 
     @torch.no_grad()
     def precompute_reference(self, pairs: list[dict], collate) -> int:
-        """Score ``pairs`` under the current policy (eval mode) into ``ref_logps``; returns how many were new."""
+        """Score ``pairs`` under the current policy (eval mode) into ``ref_logps``; returns how many were new.
+
+        Under several processes each rank scores a 1/world shard (every rank runs the same number
+        of forward passes, as ZeRO-3 needs) and the shards are all-gathered, so every rank ends
+        with the whole table. ``pairs`` must be the same list, in the same order, on every rank.
+        """
         todo = [p for p in pairs if p["pair_id"] not in self.ref_logps]
         if not todo:
             return 0
+        trainer = getattr(self, "_trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        shard = todo[rank::world]
+        bs = self.hparams.ref_batch_size
+        n_batches = math.ceil(math.ceil(len(todo) / world) / bs)  # the same on every rank
         was_training = self.model.training
         self.model.eval()
-        loader = DataLoader(todo, batch_size=self.hparams.ref_batch_size, shuffle=False, collate_fn=collate)
-        for batch in loader:
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
+        local: dict[str, tuple[float, float]] = {}
+        for k in range(n_batches):
+            chunk = shard[k * bs : (k + 1) * bs]
+            batch = self.transfer_batch_to_device(collate(chunk or todo[:1]), self.device, 0)  # todo[:1]: lockstep filler
             logp, _ = self.response_logprobs(self.model, batch)  # [2B]
-            B = len(batch["pair_ids"])
-            for i, pid in enumerate(batch["pair_ids"]):
-                self.ref_logps[pid] = (float(logp[i]), float(logp[B + i]))
+            B = len(chunk)
+            for i, pid in enumerate(batch["pair_ids"][:B]):
+                local[pid] = (float(logp[i]), float(logp[len(batch["pair_ids"]) + i]))
         self.model.train(was_training)
+        if world > 1:
+            shards: list = [None] * world
+            dist.all_gather_object(shards, local)
+            for part in shards:
+                local.update(part)
+        self.ref_logps.update(local)
         return len(todo)
 
     def on_fit_start(self):
@@ -137,7 +139,13 @@ class MPOModule(PolicyModule):
         pairs = getattr(dm, "train_records", None)
         if not pairs:
             raise ValueError("reference='precomputed' needs a PreferenceDataModule with training pairs")
-        if all(p.get(k) is not None for p in pairs for k in ("ref_chosen_logp", "ref_rejected_logp")):
+        stored = all(p.get(k) is not None for p in pairs for k in ("ref_chosen_logp", "ref_rejected_logp"))
+        policies = {p.get("ref_policy") for p in pairs} - {None}
+        if stored and policies and policies != {self.hparams.init_ckpt}:
+            log.warning("pairs file: reference log-probs were scored by %s, not by init_ckpt %s: scoring again",
+                        sorted(policies), self.hparams.init_ckpt)
+            stored = False
+        if stored:
             for p in pairs:
                 self.ref_logps.setdefault(p["pair_id"], (float(p["ref_chosen_logp"]), float(p["ref_rejected_logp"])))
             msg = f"MPO reference: {len(pairs)} pairs' log-probs read from the pairs file"
@@ -198,3 +206,23 @@ class MPOModule(PolicyModule):
             self.delta.load_state_dict(checkpoint["mpo_delta"])
         self.ref_logps = {k: tuple(v) for k, v in checkpoint.get("mpo_ref_logps", {}).items()}
         self._resumed = True
+
+
+def response_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row log-prob of the response summed over its tokens ``[N]``, and its token count ``[N]``.
+
+    Rows are ``PairCollator`` rows (right padded, ``labels`` -100 outside the response). The
+    ``build-pairs`` job uses it to store reference log-probs in the pairs file.
+    """
+    attention_mask = batch["attention_mask"]  # [N, T]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, T] as generate() numbers them
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        pixel_values=batch["pixel_values"].to(model.dtype),
+    )
+    logits, labels = shift_for_causal_lm(out.logits, batch["labels"])  # [N, T-1, V], [N, T-1]
+    mask = (labels != -100).float()  # [N, T-1]
+    logp = token_logprobs(logits, labels) * mask  # [N, T-1]
+    return logp.sum(-1), mask.sum(-1)  # [N], [N]
