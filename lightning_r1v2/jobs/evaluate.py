@@ -72,7 +72,8 @@ def evaluate(
     """Evaluate a checkpoint on held-out records and print the metrics.
 
     Args:
-        ckpt_path: A ``.ckpt`` written by ``cli.py fit`` (any stage), or ``tiny`` for a random init.
+        ckpt_path: A ``.ckpt`` written by ``cli.py fit`` (any stage), a Hugging Face folder, or
+            ``tiny`` for a random init.
         data: JSONL of held-out records.
         reference: JSONL whose answers define the majority baseline (default: ``train.jsonl``
             beside ``data``, if present).
@@ -81,15 +82,10 @@ def evaluate(
         max_new_tokens: Generation length.
         limit: Evaluate only the first N records (0: all).
     """
-    from .export import load_module
+    from .sampling import load_policy_module
 
     t0 = time.perf_counter()
-    if ckpt_path == "tiny":
-        from ..modules.common import PolicyModule
-
-        module = PolicyModule()
-    else:
-        module = load_module(ckpt_path)
+    module = load_policy_module(ckpt_path)
     records, _ = read_records(data)
     if limit:
         records = records[:limit]
