@@ -54,6 +54,7 @@ class ShareRecorder(L.Callback):
 def _trainer(steps: int, callbacks: list, accelerator: str) -> L.Trainer:
     return L.Trainer(
         max_steps=steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+        log_every_n_steps=1,  # the recorder reads every step's metrics
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, callbacks=callbacks,
     )

@@ -206,6 +206,7 @@ def run_ours(a) -> dict:
                RewardCallback(format_reward, name="format", weight=REWARD_WEIGHTS["format"])]
     trainer = L.Trainer(
         max_steps=a.warmup + a.steps, accelerator="cpu", devices=1, logger=False,
+        log_every_n_steps=1,  # every step's metrics, as TRL's logging_steps=1 below
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[*rewards, Timer()],
     )
@@ -389,15 +390,18 @@ Differences (same maths; what each framework does around it):
   (images read from PNG files), outside the step hooks: compare the end-to-end step.
 - Loss: both sequence-mean ("grpo"), clip 0.2, group-std-scaled advantages, token entropy
   computed in the update; TRL also gathers/logs clip ratios per region, ours logs clip fraction,
-  ratio, entropy and reward statistics via self.log_dict (logger off here).
+  ratio, entropy and reward statistics via self.log_dict. Both compute and log their metrics
+  every step here (TRL logging_steps=1, ours log_every_n_steps=1; no logger writes to disk).
 - Sampling order: TRL's RepeatSampler and our StatefulRandomSampler shuffle the same records
   differently (same seed, different orders), so the prompts of step k differ; completion
   lengths are reported to show the workload is comparable.
 - Prompts per group: TRL's sampler repeats each prompt G times, so its processor handles
-  prompts x G images per step; ours processes each prompt once and repeats the tensors. Both
-  then run the vision tower and the prompt tokens G times per prompt, in generate's prefill and
-  again in the training forward (the shared-prefix variant measured with --ours-module does not).
-- Optimizer: TRL's default is adamw_torch_fused; ours is torch.optim.AdamW (single-tensor loop).
+  prompts x G images per step and it runs the vision tower and the prompt tokens G times per
+  prompt, in generate's prefill and again in the training forward. Ours processes each prompt
+  once, prefills it once in generate (KV cache repeated G times) and, in the update, runs each
+  group's prompt and image once and reuses that cache (kept in the autograd graph) for the
+  group's G completions: same log-probs and gradients (tests/test_shared_prompt.py).
+- Optimizer: both fused AdamW (TRL's default adamw_torch_fused; ours torch.optim.AdamW(fused=True)).
 - Framework overhead: Lightning's loop (manual optimization, callbacks, hooks) against HF
   Trainer + Accelerate (per-step metric gathering, logging, callbacks).
 """

@@ -1,6 +1,7 @@
 """What the SFT, MPO and GRPO modules share: the policy, optimiser, schedule and evaluation."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -9,7 +10,13 @@ import lightning as L
 import torch
 from torchmetrics.aggregation import MeanMetric
 
-from ..models.loading import load_policy, set_trainable
+from ..models.loading import (
+    is_zero3_partitioned,
+    load_policy_model,
+    load_policy_processor,
+    param_ndim,
+    set_trainable,
+)
 from ..utils.checkpoint import reopen_finished_epoch, rng_state, set_rng_state
 
 log = logging.getLogger("lightning_r1v2.modules")
@@ -32,6 +39,15 @@ class PolicyModule(L.LightningModule):
         eval_batch_size: Not used for batching (the DataModule batches); kept for documentation.
         gradient_checkpointing: Recompute activations in the backward pass (memory for time).
         init_ckpt: Start from the policy weights of this Lightning checkpoint (an earlier stage's).
+        defer_init: Build the policy in ``configure_model`` instead of here. Lightning calls that
+            hook at the start of ``fit`` / ``validate`` / ``test`` / ``predict`` (and
+            ``load_from_checkpoint`` calls it too); under DeepSpeed ZeRO-3 the weights are then
+            partitioned while they load, so no rank ever holds the whole model (see
+            ``configure_model``). ``None`` (default) = defer when ``model`` is a checkpoint folder,
+            build here when it is ``"tiny"``. The processor is always loaded here (the DataModule
+            reads it in ``setup``, which runs before ``configure_model``). A deferred module's
+            ``model`` (and a reference model) is None until ``configure_model()`` runs; call it
+            yourself to use the module outside a Trainer.
     """
 
     def __init__(
@@ -48,28 +64,92 @@ class PolicyModule(L.LightningModule):
         eval_max_new_tokens: int = 32,
         gradient_checkpointing: bool = False,
         init_ckpt: str | None = None,
+        defer_init: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model_name = model
         self.trainable = list(trainable)
+        self.defer_init = (model != "tiny") if defer_init is None else bool(defer_init)
         self.model = None
-        self.processor = None
         self.param_counts: dict[str, int] = {}
-        self._build()
+        # transformers' ZeRO-3 switch, held while this module runs under ZeRO-3 (see configure_model)
+        self._hf_ds_config = None
+        self.processor = load_policy_processor(self.model_name)
+        if not self.defer_init:
+            self._build()
         self.val_accuracy = MeanMetric()
         self.val_format = MeanMetric()
         self._t_last = None
 
     # ----------------------------------------------------------------- model
+    def configure_model(self):
+        """Build the policy if ``__init__`` deferred it (``defer_init``); a no-op once it exists.
+
+        Idempotent: Lightning calls this hook at the start of every ``fit`` / ``validate`` /
+        ``test`` / ``predict`` and in ``load_from_checkpoint``, so a second call keeps the
+        model it has (with its trained weights). Outside a Trainer it simply builds the policy.
+
+        Under DeepSpeed ZeRO stage 3 it first creates ``transformers.integrations.HfDeepSpeedConfig``
+        from the strategy's config and keeps it on the module (``_hf_ds_config``) until
+        ``teardown``. Why, although Lightning already partitions: ``_call_configure_model``
+        (``lightning/pytorch/trainer/call.py``) runs this hook inside
+        ``strategy.model_sharded_context()``, which for ``DeepSpeedStrategy`` is
+        ``deepspeed.zero.Init(enabled=zero_stage_3, config_dict_or_path=strategy.config)``: every
+        module *constructed* in it has its parameters partitioned at the end of its ``__init__``.
+        That suits a model built from scratch, not a checkpoint load. transformers decides how
+        ``from_pretrained`` builds and fills the model from ``is_deepspeed_zero3_enabled()`` alone
+        (``PreTrainedModel.get_init_context``, ``modeling_utils.py``), which reads a module-level
+        *weak* reference that only ``HfDeepSpeedConfig(...)`` sets, and Lightning never creates
+        one. With it, transformers builds under its own ``zero.Init`` (nested in Lightning's) and
+        loads the checkpoint with ``_load_state_dict_into_zero3_model`` (``integrations/deepspeed.py``):
+        module by module, parameters gathered, values copied on rank 0 only (the other ranks map the
+        checkpoint to ``meta``), then re-partitioned. Without it, transformers builds on the meta
+        device and copies the checkpoint as if nothing were partitioned, i.e. into the empty local
+        slices. Being a weak reference, the object must stay referenced, hence the attribute. It also
+        makes ``generate`` default to ``synced_gpus=True`` under ZeRO-3 with several ranks
+        (``GenerationMixin.generate``), so a rank that finishes early keeps joining the all-gathers.
+        """
+        ds_config = deepspeed_zero3_config(self._trainer)
+        if ds_config is not None and self._hf_ds_config is None:
+            self._hf_ds_config = hf_deepspeed_config(ds_config)
+        if self.model is None:
+            self._build()
+        elif ds_config is not None and not self.defer_init and not is_zero3_partitioned(self.model):
+            log.info("ZeRO-3 with defer_init=False: every rank loaded the whole policy in __init__; "
+                     "DeepSpeed partitions it only now (set defer_init: true to load it partitioned)")
+
+    def teardown(self, stage: str):
+        # transformers' ZeRO-3 switch is process-wide (a weak reference): let it end with the run, so
+        # that a later ``from_pretrained`` in this process (an export, an evaluation) loads normally.
+        # A new Trainer run calls configure_model again, which re-creates it.
+        self._hf_ds_config = None
+
     def _build(self):
-        model, processor = load_policy(self.model_name, dtype=self.hparams.dtype, seed=self.hparams.seed)
-        if self.hparams.init_ckpt:
-            load_policy_weights(model, self.hparams.init_ckpt)
+        model = self._load_model()
         self.param_counts = set_trainable(model, self.trainable)
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.model, self.processor = model, processor
+        self.model = model
+
+    def _load_model(self):
+        """The policy as loaded: ``model`` (folder or tiny init), then ``init_ckpt``'s weights; nothing frozen yet."""
+        model = load_policy_model(self.model_name, self.processor, dtype=self.hparams.dtype, seed=self.hparams.seed)
+        if self.hparams.init_ckpt:
+            load_policy_weights(model, self.hparams.init_ckpt)
+        return model
+
+    def frozen_policy_copy(self):
+        """A frozen copy of the initial policy (eval mode, no gradients), for a reference model.
+
+        A deep copy of ``self.model``, except when the policy is ZeRO-3 partitioned (built in
+        ``configure_model`` under ZeRO-3): a deep copy of partitioned parameters copies their empty
+        local slices and DeepSpeed's ids, which is not a model. The policy is then loaded a second
+        time (``model`` and ``init_ckpt``), partitioned the same way; call it from
+        ``configure_model`` (inside Lightning's ``zero.Init``) and before the first update.
+        """
+        ref = self._load_model() if is_zero3_partitioned(self.model) else copy.deepcopy(self.model)
+        return ref.eval().requires_grad_(False)
 
     @property
     def tokenizer(self):
@@ -111,12 +191,13 @@ class PolicyModule(L.LightningModule):
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        decay = [p for p in params if param_ndim(p) >= 2]  # full shape: a ZeRO-3 partition is 1-D
+        no_decay = [p for p in params if param_ndim(p) < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr,
             betas=tuple(self.hparams.betas),
+            fused=_fused_adamw_ok(params),  # one kernel for all tensors (TRL's default adamw_torch_fused)
         )
         total = max(1, self._total_steps())
         warmup = int(self.hparams.warmup_ratio * total)
@@ -164,18 +245,112 @@ class PolicyModule(L.LightningModule):
 
 
 def load_policy_weights(model, ckpt_path: str) -> None:
-    """Copy the ``model.*`` weights of a lightning-r1v2 checkpoint into ``model`` (strict)."""
+    """Copy the ``model.*`` weights of a lightning-r1v2 checkpoint into ``model`` (strict).
+
+    A ZeRO-3 partitioned ``model`` (``defer_init`` under ZeRO-3) is filled one module at a time
+    (``load_into_zero3``); ``ckpt_path`` must then be a single file (consolidate a DeepSpeed
+    checkpoint folder first, docs/scale.md "Resuming"). Every rank memory-maps it.
+    """
     from pathlib import Path
 
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"init_ckpt {ckpt_path!r} does not exist (run the previous stage first)")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    if Path(ckpt_path).is_dir():
+        raise ValueError(f"init_ckpt {ckpt_path!r} is a DeepSpeed checkpoint folder: consolidate it into one file first "
+                         "(convert_zero_checkpoint_to_fp32_state_dict, docs/scale.md 'Resuming')")
+    partitioned = is_zero3_partitioned(model)
+    # mmap under ZeRO-3: every rank opens the file, only rank 0 reads the values it copies
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=partitioned)["state_dict"]
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if partitioned:
+        missing, unexpected = load_into_zero3(model, weights, ckpt_path)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k not in ("lm_head.weight",)]  # tied to the embeddings
     if missing or unexpected:
         raise ValueError(f"{ckpt_path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     log.info("loaded policy weights from %s", ckpt_path)
+
+
+def load_into_zero3(model, weights: dict, source: str = "weights") -> tuple[list[str], list[str]]:
+    """Copy ``weights`` (name -> tensor) into a ZeRO-3 partitioned ``model``; return ``(missing, unexpected)``.
+
+    transformers' ``_load_state_dict_into_zero3_model`` done for a plain state dict: module by
+    module, its own parameters are gathered (``deepspeed.zero.GatheredParameters(modifier_rank=0)``),
+    rank 0 copies the values, and leaving the context broadcasts and re-partitions them; so at most
+    one module's full parameters exist at a time. Buffers are not partitioned: every rank copies
+    them. Missing keys are skipped (the caller decides), and shapes are checked on every rank
+    before anything is copied, so all ranks raise together instead of leaving some in a collective.
+    On parameters that are not partitioned the gather is a no-op and this is a plain copy.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from torch import nn
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    plan: list[tuple[list, list]] = []  # per module: [(param, tensor)], [(buffer, tensor)]
+    seen: set[str] = set()
+    missing: list[str] = []
+    for prefix, module in model.named_modules():
+        params, buffers = [], []
+        named = list(module.named_parameters(recurse=False)) + [
+            (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
+        ]
+        for name, t in named:
+            key = f"{prefix}.{name}" if prefix else name
+            seen.add(key)
+            if key not in weights:
+                missing.append(key)
+                continue
+            shape = tuple(getattr(t, "ds_shape", t.shape))
+            if tuple(weights[key].shape) != shape:
+                raise ValueError(f"{source}: {key} has shape {tuple(weights[key].shape)}, the model {shape}")
+            (params if isinstance(t, nn.Parameter) else buffers).append((t, weights[key]))
+        if params or buffers:
+            plan.append((params, buffers))
+    unexpected = sorted(set(weights) - seen)
+    if unexpected:
+        return missing, unexpected
+    with torch.no_grad():
+        for params, buffers in plan:
+            if params:
+                with deepspeed.zero.GatheredParameters([p for p, _ in params], modifier_rank=0):
+                    if rank == 0:  # the modifier rank writes; the context broadcasts on exit
+                        for p, value in params:
+                            p.data.copy_(value)
+            for b, value in buffers:
+                b.copy_(value)
+    return missing, unexpected
+
+
+def deepspeed_zero3_config(trainer) -> dict | None:
+    """The DeepSpeed config dict of ``trainer``'s strategy when it runs ZeRO stage 3, else None.
+
+    The strategy is recognised by class name (``DeepSpeedStrategy`` anywhere in its MRO), as
+    ``rollout.hf_engine`` does, so the check imports neither deepspeed nor Lightning's strategy.
+    ``trainer`` may be None (a module outside a Trainer, or ``load_from_checkpoint``).
+    """
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    if strategy is None or not any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__):
+        return None
+    config = getattr(strategy, "config", None)
+    if isinstance(config, dict) and (config.get("zero_optimization") or {}).get("stage") == 3:
+        return config
+    return None
+
+
+def hf_deepspeed_config(config: dict):
+    """``transformers.integrations.HfDeepSpeedConfig(config)``: while it is referenced,
+    ``is_deepspeed_zero3_enabled()`` is True and ``from_pretrained`` loads into partitioned parameters."""
+    try:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        return HfDeepSpeedConfig(config)
+    except ImportError as e:  # transformers checks for accelerate and deepspeed here
+        raise ImportError(
+            f"loading the policy under DeepSpeed ZeRO-3 needs transformers' DeepSpeed integration, which needs the "
+            f"`deepspeed` and `accelerate` packages (pip install -e '.[deepspeed]'): {e}"
+        ) from e
 
 
 def clean_completion(text: str, tokenizer) -> str:
@@ -184,6 +359,11 @@ def clean_completion(text: str, tokenizer) -> str:
     if eos and eos in text:
         text = text[: text.index(eos)]
     return text.replace(tokenizer.pad_token or "", "")
+
+
+def _fused_adamw_ok(params: list) -> bool:
+    """Fused AdamW needs floating-point tensors on a CPU or CUDA device (else torch picks its default)."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> float:

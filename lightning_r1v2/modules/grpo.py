@@ -14,7 +14,6 @@ Departures from the papers, and why:
 """
 from __future__ import annotations
 
-import copy
 import csv
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from ..callbacks.hooks import call_rollout_hook
 from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, token_logprobs
 from ..rewards.combine import combine_rewards
+from ..rollout.base import RolloutEngine
 from ..rollout.hf_engine import HFGenerateEngine, blocked_token_ids
 from ..rollout.scoring import completion_logits
 from ..rollout.types import Rollouts
@@ -48,13 +48,16 @@ class GRPOModule(PolicyModule):
         max_grad_norm: Gradient clipping (0: off). Under DeepSpeed set it in the strategy config.
         table_every_n_steps: Write a table of sample completions every N steps (0: never).
         table_rows: Rows of that table.
+        share_prompt_forward: In the update, run each group's prompt and image once and reuse
+            its KV cache (in the autograd graph) for the group's completions; same loss and
+            gradients up to float rounding, ``(G - 1) / G`` less prompt and vision work.
         init_ckpt: Start from this checkpoint's policy weights (e.g. the SFT stage's ``last.ckpt``).
         **kwargs: ``PolicyModule`` arguments (model, trainable, lr, ...).
     """
 
     def __init__(
         self,
-        engine: HFGenerateEngine | None = None,
+        engine: RolloutEngine | None = None,
         group_size: int = 8,
         clip_eps: float = 0.2,
         clip_eps_high: float | None = None,
@@ -67,6 +70,7 @@ class GRPOModule(PolicyModule):
         max_grad_norm: float = 1.0,
         table_every_n_steps: int = 50,
         table_rows: int = 8,
+        share_prompt_forward: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -78,10 +82,16 @@ class GRPOModule(PolicyModule):
         self.engine = engine or HFGenerateEngine()
         self.automatic_optimization = False
         self.ref_model = None
-        if kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if kl_coef > 0 and self.model is not None:  # a deferred policy gets its reference in configure_model
+            self.ref_model = self.frozen_policy_copy()
         self.last_rollouts: Rollouts | None = None
         self.phase_times: dict[str, float] = {}
+
+    def configure_model(self):
+        """Build the policy (``PolicyModule.configure_model``), then the reference if ``kl_coef > 0`` (idempotent)."""
+        super().configure_model()
+        if self.hparams.kl_coef > 0 and self.ref_model is None:
+            self.ref_model = self.frozen_policy_copy()
 
     # ---------------------------------------------------------------- helpers
     def reward_callbacks(self) -> list:
@@ -96,7 +106,8 @@ class GRPOModule(PolicyModule):
 
     def sequence_logprobs(self, model, rows: Rollouts, with_entropy: bool = False):
         """Per-token log-probs ``[n, C]`` of the completions under ``model`` (and entropies)."""
-        logits = completion_logits(model, rows, self.engine.temperature, blocked_token_ids(self.tokenizer))
+        logits = completion_logits(model, rows, self.engine.temperature, blocked_token_ids(self.tokenizer),
+                                   share_prompt=self.hparams.share_prompt_forward)
         logp = token_logprobs(logits, rows.completion_ids)  # [n, C]
         logp = logp.masked_fill(rows.completion_mask == 0, 0.0)  # padding is a blocked token (-inf)
         ent = entropy_from_logits(logits.detach()) if with_entropy else None  # [n, C]
@@ -136,11 +147,19 @@ class GRPOModule(PolicyModule):
         for cb in self.trainer.callbacks:
             stats.update(getattr(cb, "last_stats", None) or {})
         reward = float(stats.pop("reward"))
-        self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, batch_size=len(rollouts))
+        if self._logging_step():  # ~40 metrics: Lightning's per-key bookkeeping is not free at small steps
+            self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, batch_size=len(rollouts))
         self.log("reward", reward, prog_bar=True, batch_size=len(rollouts))
         self.last_rollouts = rollouts
         if hp.table_every_n_steps and self.global_step % hp.table_every_n_steps == 0:
             self._write_table(rollouts)
+
+    def _logging_step(self) -> bool:
+        """Whether this step's metrics are logged: every ``trainer.log_every_n_steps`` rollout
+        batches (and on the last), as Lightning's loggers write them. ``reward`` is logged every
+        step; callbacks that read ``trainer.callback_metrics`` see the rest on logging steps."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return True if connector is None else bool(connector.should_update_logs)
 
     def _reward_stats(self, r: Rollouts) -> dict:
         G = self.hparams.group_size

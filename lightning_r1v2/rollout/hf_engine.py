@@ -5,6 +5,10 @@ per-token log-probs while sampling (``log_softmax(logits / temperature)`` at the
 so the GRPO step does not need an extra forward pass before its first update. Only one step's
 distribution is held at a time, never ``[steps, N, V]``.
 
+With ``share_prompt_prefill`` (default) each prompt, image included, is prefilled once and its
+KV cache repeated for the ``G`` samples, instead of running the vision tower and the prompt ``G``
+times.
+
 Chosen in YAML by ``class_path``; the vLLM engine has the same ``generate(module, batch, G)``.
 """
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .base import RolloutEngine
 from .types import Rollouts
 
 
@@ -37,7 +42,7 @@ class _LogprobRecorder(LogitsProcessor):
         return torch.stack(self.taken, dim=1)  # [N, C]
 
 
-class HFGenerateEngine:
+class HFGenerateEngine(RolloutEngine):
     """Samples completions with ``model.generate``.
 
     Args:
@@ -48,6 +53,8 @@ class HFGenerateEngine:
         record_logprobs: Record the behaviour policy's log-probs while sampling.
         gather_zero3: Under DeepSpeed ZeRO-3, gather the parameters once for the whole
             generation (much faster than per-layer gathering and cannot hang ranks).
+        share_prompt_prefill: Prefill each prompt once and repeat its KV cache ``G`` times
+            (off: the prompt and image run ``G`` times, as plain ``generate`` does).
     """
 
     def __init__(
@@ -58,18 +65,12 @@ class HFGenerateEngine:
         top_k: int = 0,
         record_logprobs: bool = True,
         gather_zero3: bool = True,
+        share_prompt_prefill: bool = True,
     ):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
+        super().__init__(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         self.record_logprobs = record_logprobs
         self.gather_zero3 = gather_zero3
-
-    def sampling_kwargs(self) -> dict:
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        self.share_prompt_prefill = share_prompt_prefill
 
     @torch.no_grad()
     def generate(self, module, batch: dict, group_size: int) -> Rollouts:
@@ -84,15 +85,18 @@ class HFGenerateEngine:
         was_training = model.training
         model.eval()
         with _gathered(module, self.gather_zero3):
+            extra = {"pixel_values": pixel_values.to(model.dtype)}
+            if self.share_prompt_prefill and G > 1 and _can_prefill(batch, blocked):
+                extra = {"past_key_values": _prefill(model, batch, G)}
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                pixel_values=pixel_values.to(model.dtype),
                 max_new_tokens=self.max_new_tokens,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
                 logits_processor=LogitsProcessorList([recorder]) if recorder else None,
                 suppress_tokens=blocked,
+                **extra,
                 **self.sampling_kwargs(),
             )
         model.train(was_training)
@@ -118,6 +122,27 @@ class HFGenerateEngine:
             old_logprobs=old_logprobs,
             truncated=truncated,
         )
+
+
+def _can_prefill(batch: dict, blocked: list[int]) -> bool:
+    """The prompts' last column holds no image placeholder (``generate`` then needs no pixels)."""
+    last = batch["input_ids"][:, -1]  # [B]
+    return batch["input_ids"].shape[1] > 1 and not torch.isin(last, torch.tensor(blocked, dtype=last.dtype)).any()
+
+
+def _prefill(model, batch: dict, G: int):
+    """KV cache of ``prompt[:, :-1]`` (image included) computed once per prompt, repeated ``G`` times.
+
+    ``generate`` then runs only the last prompt token and the samples; positions are numbered as
+    ``generate`` numbers them (left padding skipped), so the cache equals the one it would build.
+    """
+    ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]  # [B, P-1]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P-1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                pixel_values=batch["pixel_values"].to(model.dtype), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)  # [B, ...] -> [B*G, ...], rows of a prompt contiguous
+    return cache
 
 
 def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:

@@ -54,7 +54,8 @@ import os
 import torch
 
 from ..data.collate import load_images, prompt_text
-from .hf_engine import HFGenerateEngine, blocked_token_ids, completion_mask_from_eos, decode_completions
+from .base import RolloutEngine
+from .hf_engine import blocked_token_ids, completion_mask_from_eos, decode_completions
 from .types import Rollouts
 
 log = logging.getLogger("lightning_r1v2.rollout")
@@ -74,11 +75,11 @@ def import_vllm():
     return vllm
 
 
-class VLLMEngine(HFGenerateEngine):
+class VLLMEngine(RolloutEngine):
     """Samples completions with a colocated vLLM engine (GPU only).
 
-    A subclass of ``HFGenerateEngine`` so that it fits wherever an engine is typed as one
-    (``GRPOModule(engine=...)``); it shares the sampling settings and their validation.
+    A ``RolloutEngine`` like ``HFGenerateEngine``: the same sampling keys in YAML, with the
+    same validation, and the same ``generate(module, batch, G) -> Rollouts``.
 
     Args:
         max_new_tokens: Longest completion (R1V1: 8K; R1V3: 4K -> 8K).

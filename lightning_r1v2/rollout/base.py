@@ -1,0 +1,46 @@
+"""What every rollout engine shares: the sampling settings and the ``generate`` contract.
+
+``GRPOModule`` calls ``engine.generate(module, batch, group_size) -> Rollouts`` once per step and
+scores the completions at ``engine.temperature`` (the distribution the engine sampled from), so
+any engine with these two is usable from YAML by ``class_path``.
+"""
+from __future__ import annotations
+
+from .types import Rollouts
+
+
+class RolloutEngine:
+    """Base class of the rollout engines (``HFGenerateEngine``, ``VLLMEngine``).
+
+    Args:
+        max_new_tokens: Longest completion (R1V1: 8K; R1V3: 4K -> 8K).
+        temperature: Sampling temperature (R1V1: 1.0); the loss scores completions at it.
+        top_p: Nucleus sampling mass (1.0: off).
+        top_k: Top-k sampling (0: off).
+    """
+
+    def __init__(self, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+
+    def sampling_kwargs(self) -> dict:
+        """The settings as Hugging Face ``generate`` keyword arguments."""
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+    def generate(self, module, batch: dict, group_size: int) -> Rollouts:
+        """``group_size`` completions for each prompt of ``batch`` (a ``PromptCollator`` batch).
+
+        Rows of one prompt are contiguous; ``old_logprobs`` holds the behaviour policy's
+        per-token log-probs when the engine can record them (else None: the module computes them).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement generate(module, batch, group_size)")
