@@ -65,6 +65,8 @@ def parse_args(argv=None):
                    help="policy weights: a lightning-r1v2 checkpoint, 'auto' (the SFT checkpoint if present) or 'none'")
     p.add_argument("--records", type=int, default=256, help="training records loaded (default 256)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10,
+                   help="metrics logged every N steps by both (TRL logging_steps, ours log_every_n_steps; TRL's default 10)")
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one framework only")
     p.add_argument("--json", default=None, help="also write every run's raw measurements to this file")
     p.add_argument("--ours-module", default="lightning_r1v2.modules.GRPOModule",
@@ -206,7 +208,7 @@ def run_ours(a) -> dict:
                RewardCallback(format_reward, name="format", weight=REWARD_WEIGHTS["format"])]
     trainer = L.Trainer(
         max_steps=a.warmup + a.steps, accelerator="cpu", devices=1, logger=False,
-        log_every_n_steps=1,  # every step's metrics, as TRL's logging_steps=1 below
+        log_every_n_steps=a.log_every,  # as TRL's logging_steps below
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[*rewards, Timer()],
     )
@@ -280,7 +282,7 @@ def run_trl(a) -> dict:
         adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0,
         beta=0.0, epsilon=0.2, loss_type="grpo", scale_rewards="group",
         reward_weights=[REWARD_WEIGHTS["accuracy"], REWARD_WEIGHTS["format"]],
-        report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, log_completions=False,
+        report_to="none", logging_steps=a.log_every, save_strategy="no", disable_tqdm=True, log_completions=False,
         remove_unused_columns=False, dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_accuracy, trl_format], args=cfg,
@@ -324,7 +326,7 @@ def worker(a) -> None:
 def _child_argv(a, framework: str) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", framework]
     for k in ("steps", "warmup", "prompts", "group_size", "max_new_tokens", "temperature", "lr", "threads",
-              "init_ckpt", "records", "seed", "ours_module", "ours_engine"):
+              "init_ckpt", "records", "seed", "log_every", "ours_module", "ours_engine"):
         argv += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     return argv
 
@@ -390,8 +392,11 @@ Differences (same maths; what each framework does around it):
   (images read from PNG files), outside the step hooks: compare the end-to-end step.
 - Loss: both sequence-mean ("grpo"), clip 0.2, group-std-scaled advantages, token entropy
   computed in the update; TRL also gathers/logs clip ratios per region, ours logs clip fraction,
-  ratio, entropy and reward statistics via self.log_dict. Both compute and log their metrics
-  every step here (TRL logging_steps=1, ours log_every_n_steps=1; no logger writes to disk).
+  ratio, entropy and reward statistics via self.log_dict. Both log every --log-every steps
+  (TRL logging_steps, ours log_every_n_steps; no logger writes to disk). TRL gathers its metrics
+  every step and averages them at log time; ours computes its metric dict every step but hands
+  it to Lightning only on logging steps (Lightning writes the last value of a step metric at
+  those steps anyway, and its self.log costs ~0.5 ms a key), so --log-every 1 costs us more.
 - Sampling order: TRL's RepeatSampler and our StatefulRandomSampler shuffle the same records
   differently (same seed, different orders), so the prompts of step k differ; completion
   lengths are reported to show the workload is comparable.
@@ -445,7 +450,8 @@ def main(argv=None) -> None:
     print(f"\ntiny VLM GRPO, ours vs TRL: {a.prompts} prompts x {a.group_size} completions, max_new_tokens "
           f"{a.max_new_tokens}, temperature {a.temperature}, init {ckpt or 'random (seed 0)'}, CPU, "
           f"{a.threads} thread(s) per run on {os.cpu_count()} cores; {a.repeats} run(s) each, alternating, "
-          f"{a.steps} measured steps after {a.warmup} warm-up; {versions}\n")
+          f"{a.steps} measured steps after {a.warmup} warm-up; metrics logged every {a.log_every} step(s); "
+          f"{versions}\n")
 
     def cell(s, key, fmt):
         return fmt.format(s[key]) if s else "-"
