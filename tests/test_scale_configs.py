@@ -61,6 +61,7 @@ def test_scale_config_is_zero3_bf16_on_4x8_gpus(path):
     m = cfg.model.init_args
     assert m.dtype == "bfloat16" and m.gradient_checkpointing is True
     assert m.model.startswith("/")  # a local folder, never a hub id
+    assert m.defer_init is True  # loaded in configure_model, partitioned by ZeRO-3 while loading
 
 
 def test_grpo_scale_config_uses_vllm_and_the_recipe_numbers():

@@ -49,7 +49,7 @@ def load_policy_module(policy: str, map_location: str = "cpu"):
     if Path(policy).is_file():
         module = load_module(policy, map_location=map_location)
     elif policy == "tiny" or Path(policy).is_dir():
-        module = PolicyModule(model=policy)
+        module = PolicyModule(model=policy, defer_init=False)  # no Trainer will call configure_model
     else:
         raise FileNotFoundError(f"{policy!r}: not a checkpoint file, a model folder or 'tiny'")
     return module.eval().requires_grad_(False)

@@ -146,3 +146,34 @@ def grpo_loss(
             "ratio_mean": masked_mean(ratio, keep),
         }
     return loss, stats
+
+
+def micro_batch_weights(mask: Tensor, sizes: list[int], aggregation: str = "sequence") -> list[float]:
+    """Weights w_k of the micro-batches of one mini-batch, so that sum_k w_k L_k = L.
+
+    ``grpo_loss`` averages, so the loss of a mini-batch split into consecutive micro-batches
+    (gradient accumulation) is the weighted sum of the micro-batch losses, with weights the
+    micro-batch's share of what the mean runs over:
+
+        "sequence": w_k = S_k / S, S_k = sequences of micro-batch k with >= 1 response token;
+        "token":    w_k = T_k / T, T_k = response tokens of micro-batch k.
+
+    A micro-batch with nothing to average gets w_k = 0 (its loss is 0 too); so does every one
+    when the mini-batch has none.
+
+    Args:
+        mask: ``[n, T]`` response mask of the mini-batch (dropped rows already zeroed).
+        sizes: rows of each consecutive micro-batch, summing to n.
+        aggregation: as in ``grpo_loss``.
+
+    Example: rows with 3, 0 and 1 tokens split [2, 1]: sequence -> [1/2, 1/2]; token -> [3/4, 1/4].
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if sum(sizes) != mask.shape[0] or any(s < 1 for s in sizes):
+        raise ValueError(f"micro-batch sizes {sizes} must be >= 1 and sum to the {mask.shape[0]} rows")
+    keep = mask != 0  # [n, T]
+    units = keep.any(dim=-1).float() if aggregation == "sequence" else keep.sum(dim=-1).float()  # [n]
+    parts = [float(p.sum()) for p in units.split(sizes)]
+    total = sum(parts)
+    return [p / total if total > 0 else 0.0 for p in parts]

@@ -55,28 +55,75 @@ def load_policy(name_or_path: str = "tiny", dtype: str | None = None, tiny_confi
         tiny_config: a ``TinyVLMConfig`` for the embedded default.
         seed: init seed of the embedded default.
     """
-    if name_or_path == "tiny":
-        from .tiny import build_processor, build_tiny_model
+    processor = load_policy_processor(name_or_path, tiny_config=tiny_config)
+    model = load_policy_model(name_or_path, processor, dtype=dtype, tiny_config=tiny_config, seed=seed)
+    return model, processor
 
-        processor = build_processor(tiny_config)
+
+def load_policy_processor(name_or_path: str = "tiny", tiny_config=None):
+    """The processor of ``load_policy(name_or_path)``, without the model (cheap: no weights are read).
+
+    ``PolicyModule`` loads it in ``__init__`` even when the model itself waits for
+    ``configure_model`` (``defer_init``): the DataModule needs it in ``setup``, which Lightning
+    runs before ``configure_model``.
+    """
+    if name_or_path == "tiny":
+        from .tiny import build_processor
+
+        return build_processor(tiny_config)
+    return load_processor(str(_model_folder(name_or_path)))
+
+
+def load_policy_model(name_or_path: str, processor, dtype: str | None = None, tiny_config=None, seed: int = 0):
+    """The model of ``load_policy(name_or_path)``; ``processor`` is its ``load_policy_processor``.
+
+    A folder loads with ``AutoModelForImageTextToText.from_pretrained(local_files_only=True)``, so
+    under a live ``transformers.integrations.HfDeepSpeedConfig`` with ZeRO stage 3 the weights are
+    partitioned while they load (``PolicyModule.configure_model`` sets that up).
+    """
+    if name_or_path == "tiny":
+        from .tiny import build_tiny_model
+
         model = build_tiny_model(tiny_config, processor.tokenizer, seed=seed)
         if dtype:
             model = model.to(getattr(torch, dtype))
-        return model, processor
+        return model
+    from transformers import AutoModelForImageTextToText
+
+    path = _model_folder(name_or_path)
+    kwargs = {"local_files_only": True}
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    return AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+
+
+def _model_folder(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if not path.is_dir():
         raise FileNotFoundError(
             f"model path {name_or_path!r} is not a folder; use 'tiny' for the embedded default or a local "
             "checkpoint folder (models are never downloaded)"
         )
-    from transformers import AutoModelForImageTextToText
+    return path
 
-    kwargs = {"local_files_only": True}
-    if dtype:
-        kwargs["dtype"] = getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
-    processor = load_processor(str(path))
-    return model, processor
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    """True when ``model``'s parameters are DeepSpeed ZeRO-3 partitioned (built under ``deepspeed.zero.Init``).
+
+    A partitioned parameter holds only this rank's slice (its ``.data`` is an empty ``[0]`` tensor
+    outside a gather) and carries DeepSpeed's ``ds_id`` / ``ds_shape`` / ``ds_numel`` attributes.
+    """
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def param_numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, ZeRO-3 partitioned or not (``ds_numel``: the full, unpartitioned count)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def param_ndim(p: torch.Tensor) -> int:
+    """Dimensions of a parameter, ZeRO-3 partitioned or not (``ds_shape``: the full shape)."""
+    return len(getattr(p, "ds_shape", p.shape))
 
 
 def part_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
@@ -113,9 +160,9 @@ def set_trainable(model: nn.Module, trainable: list[str] | tuple[str, ...]) -> d
                 p.requires_grad_(True)
     counts = {"trainable": 0, "frozen": 0}
     for p in model.parameters():
-        counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+        counts["trainable" if p.requires_grad else "frozen"] += param_numel(p)  # full counts under ZeRO-3 too
     for part, ms in parts.items():
-        counts[f"params/{part}"] = sum(p.numel() for m in ms for p in m.parameters())
+        counts[f"params/{part}"] = sum(param_numel(p) for m in ms for p in m.parameters())
     log.info(
         "trainable parts %s: %s trainable, %s frozen parameters",
         list(trainable), f"{counts['trainable']:,}", f"{counts['frozen']:,}",

@@ -130,7 +130,12 @@ class PolicyModule(L.LightningModule):
         self.param_counts = set_trainable(model, self.trainable)
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.model = model
+        # ``from_pretrained`` returns the model in eval mode, and Lightning (2.2+) keeps submodules'
+        # modes at fit start; transformers recomputes activations only ``if self.gradient_checkpointing
+        # and self.training`` (``modeling_layers.py``), so a folder policy left in eval mode would
+        # silently train without gradient checkpointing (and without dropout). The tiny default is
+        # built in train mode already; evaluation code calls ``.eval()`` itself.
+        self.model = model.train()
 
     def _load_model(self):
         """The policy as loaded: ``model`` (folder or tiny init), then ``init_ckpt``'s weights; nothing frozen yet."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..callbacks.hooks import call_rollout_hook
-from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, token_logprobs
+from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, micro_batch_weights, token_logprobs
 from ..rewards.combine import combine_rewards
 from ..rollout.base import RolloutEngine
 from ..rollout.hf_engine import HFGenerateEngine, blocked_token_ids
@@ -43,6 +43,11 @@ class GRPOModule(PolicyModule):
         scale_advantages: Divide by the group std (False: Dr. GRPO style ``r - mean``).
         reward_mode: ``sum`` (R1V2), ``weighted`` (R1V3 0.8 acc + 0.2 format) or ``gate``.
         mini_batch_size: Rollout rows per optimizer step (0: the whole batch, one step).
+        micro_batch_size: Rows per forward/backward inside an optimizer step (0: the whole
+            mini-batch at once). Gradients of the micro-batches are accumulated with weights that
+            make the step's gradient equal the whole mini-batch's (``micro_batch_weights``).
+            Under DeepSpeed set ``managed_gradient_accumulation: false`` in its config, so that
+            backward only accumulates and ``opt.step()`` is the boundary.
         updates_per_batch: Passes over the rollout batch (1: on-policy, as R1V3). Note that
             ``trainer.max_steps`` counts optimizer steps: passes x mini-batches per rollout batch.
         max_grad_norm: Gradient clipping (0: off). Under DeepSpeed set it in the strategy config.
@@ -66,6 +71,7 @@ class GRPOModule(PolicyModule):
         scale_advantages: bool = True,
         reward_mode: str = "weighted",
         mini_batch_size: int = 0,
+        micro_batch_size: int = 0,
         updates_per_batch: int = 1,
         max_grad_norm: float = 1.0,
         table_every_n_steps: int = 50,
@@ -75,6 +81,8 @@ class GRPOModule(PolicyModule):
     ):
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["engine"])
+        if mini_batch_size < 0 or micro_batch_size < 0:
+            raise ValueError(f"mini_batch_size and micro_batch_size must be >= 0 (0: all), got {mini_batch_size}, {micro_batch_size}")
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 for group advantages, got {group_size}")
         if aggregation not in ("sequence", "token"):
@@ -181,6 +189,7 @@ class GRPOModule(PolicyModule):
         sched = self.lr_schedulers()
         n = len(rollouts)
         mb = hp.mini_batch_size or n
+        micro = min(hp.micro_batch_size or mb, mb)
         mask_all = rollouts.completion_mask.float()
         if rollouts.dropped is not None:
             mask_all = mask_all * (~rollouts.dropped).float()[:, None]
@@ -190,33 +199,54 @@ class GRPOModule(PolicyModule):
         if rollouts.old_logprobs is None and not single_pass:
             with torch.no_grad():
                 rollouts.old_logprobs = torch.cat(
-                    [self.sequence_logprobs(self.model, rollouts.select(range(i, min(i + mb, n))))[0]
-                     for i in range(0, n, mb)]
+                    [self.sequence_logprobs(self.model, rollouts.select(range(i, min(i + micro, n))))[0]
+                     for i in range(0, n, micro)]
                 )
         for _ in range(hp.updates_per_batch):
             for start in range(0, n, mb):
-                idx = list(range(start, min(start + mb, n)))
-                rows = rollouts.select(idx)
-                mask = mask_all[idx]
-                logp, ent = self.sequence_logprobs(self.model, rows, with_entropy=True)
-                old = rows.old_logprobs if rows.old_logprobs is not None else logp.detach()
-                loss, stats = grpo_loss(
-                    logp, old, rows.advantages, mask,
-                    clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high,
-                    ref_logprobs=rows.ref_logprobs, kl_coef=hp.kl_coef, aggregation=hp.aggregation,
-                )
+                rows_of_step = list(range(start, min(start + mb, n)))
+                chunks = [rows_of_step[i:i + micro] for i in range(0, len(rows_of_step), micro)]
+                weights = micro_batch_weights(mask_all[rows_of_step], [len(c) for c in chunks], hp.aggregation)
+                if len(chunks) > 1:
+                    self._check_accumulation()
                 opt.zero_grad()
-                self.manual_backward(loss)
+                step_stats: dict[str, float] = {}
+                for idx, w in zip(chunks, weights):  # gradient accumulation: sum_k w_k grad L_k = grad L
+                    rows = rollouts.select(idx)
+                    mask = mask_all[idx]
+                    logp, ent = self.sequence_logprobs(self.model, rows, with_entropy=True)
+                    old = rows.old_logprobs if rows.old_logprobs is not None else logp.detach()
+                    loss, stats = grpo_loss(
+                        logp, old, rows.advantages, mask,
+                        clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high,
+                        ref_logprobs=rows.ref_logprobs, kl_coef=hp.kl_coef, aggregation=hp.aggregation,
+                    )
+                    self.manual_backward(loss * w if len(chunks) > 1 else loss)
+                    stats["entropy"] = masked_mean(ent, mask)
+                    share = w if len(chunks) > 1 else 1.0
+                    for k, v in stats.items():
+                        step_stats[k] = step_stats.get(k, 0.0) + share * float(v)
                 if hp.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 if sched is not None:  # one schedule step per optimizer step, as trainer.max_steps counts
                     sched.step()
-                stats["entropy"] = masked_mean(ent, mask)
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
+                for k, v in step_stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
                 count += 1
         return {k: v / count for k, v in totals.items()}
+
+    def _check_accumulation(self):
+        strategy = self.trainer.strategy
+        if type(strategy).__name__ == "DeepSpeedStrategy":
+            cfg = getattr(strategy, "config", None) or {}
+            if cfg.get("managed_gradient_accumulation", True):
+                raise ValueError(
+                    f"micro_batch_size={self.hparams.micro_batch_size} accumulates gradients over several backward "
+                    "passes per optimizer step; under DeepSpeed that needs `managed_gradient_accumulation: false` "
+                    "in the strategy's DeepSpeed config (a key of DeepSpeed 0.19), else each backward is reduced and "
+                    "stepped as its own boundary. Set it, or set micro_batch_size to 0."
+                )
 
     # ---------------------------------------------------------------- tables
     def _write_table(self, r: Rollouts):

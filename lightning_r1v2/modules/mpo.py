@@ -16,7 +16,6 @@ Departures from the papers, and why:
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 
@@ -67,10 +66,16 @@ class MPOModule(PolicyModule):
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
         self.delta = RunningMean(delta_momentum)
         self.ref_model = None
-        if reference == "model":
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if reference == "model" and self.model is not None:  # a deferred policy gets it in configure_model
+            self.ref_model = self.frozen_policy_copy()
         self.ref_logps: dict[str, tuple[float, float]] = {}  # pair_id -> (chosen, rejected), "precomputed"
         self._resumed = False
+
+    def configure_model(self):
+        """Build the policy (``PolicyModule.configure_model``), then the reference model if ``reference="model"``."""
+        super().configure_model()
+        if self.hparams.reference == "model" and self.ref_model is None:
+            self.ref_model = self.frozen_policy_copy()
 
     def train(self, mode: bool = True):
         super().train(mode)
