@@ -72,6 +72,9 @@ def test_grpo_scale_config_uses_vllm_and_the_recipe_numbers():
     assert m.trainable == ["connector"]
     assert m.max_grad_norm == 0.0  # self.clip_gradients is a no-op under DeepSpeed
     assert cfg.data.init_args.batch_size * cfg.trainer.num_nodes * cfg.trainer.devices * m.group_size == 1024
+    # R1V3: one optimizer step per 1024-rollout batch, 8K-token rows accumulated one at a time
+    assert m.mini_batch_size == 0 and m.micro_batch_size == 1
+    assert cfg.trainer.strategy.init_args.config["managed_gradient_accumulation"] is False
     assert m.engine.class_path == "lightning_r1v2.rollout.vllm_engine.VLLMEngine"
     from lightning_r1v2.rollout.vllm_engine import VLLMEngine
 
