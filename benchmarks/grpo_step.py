@@ -21,6 +21,7 @@ other processes made the tiny model up to 50x slower.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -166,8 +167,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     m = build_module(cfg, a.group_size, a.max_new_tokens, init, cls=TimedGRPO, table_every_n_steps=0)
     dm = build_data(cfg, a.prompts)
     timer = StepTimer()
-    trainer = L.Trainer(
-        max_steps=a.warmup + a.steps, accelerator=a.accelerator, devices=1, logger=False,
+    rows = dm.hparams.batch_size * m.hparams.group_size  # rollout rows per batch
+    per_batch = m.hparams.updates_per_batch * math.ceil(rows / (m.hparams.mini_batch_size or rows))
+    trainer = L.Trainer(  # max_steps counts optimizer steps: per_batch of them per rollout batch
+        max_steps=(a.warmup + a.steps) * per_batch, accelerator=a.accelerator, devices=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[*reward_callbacks(cfg), timer],
     )
