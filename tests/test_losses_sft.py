@@ -112,3 +112,28 @@ def test_entropy_ignores_masked_out_tokens():
     # two allowed tokens with equal logits, two masked with -inf: H = ln 2 (not NaN)
     logits = torch.tensor([[[0.0, 0.0, float("-inf"), float("-inf")]]])
     assert abs(float(entropy_from_logits(logits)[0, 0]) - math.log(2)) < 1e-6
+
+
+def test_chunked_logprobs_and_entropy_equal_the_one_chunk_result():
+    from lightning_r1v2.losses.common import _row_chunks
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3, 7, requires_grad=True)
+    logits_masked = logits.detach().clone()
+    logits_masked[..., 2] = float("-inf")
+    labels = torch.randint(0, 7, (5, 3))
+    # 21 logits per row: a budget of 50 holds 2 rows per chunk -> rows [0:2], [2:4], [4:5]
+    assert [(s.start, s.stop) for s in _row_chunks(logits, 50)] == [(0, 2), (2, 4), (4, 5)]
+    assert [(s.start, s.stop) for s in _row_chunks(logits, 1)] == [(i, i + 1) for i in range(5)]
+    whole = token_logprobs(logits, labels)
+    chunked = token_logprobs(logits, labels, max_elements=50)
+    torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
+    ref = torch.log_softmax(logits.detach(), -1).gather(-1, labels[..., None]).squeeze(-1)  # plain formula
+    torch.testing.assert_close(chunked.detach(), ref, atol=1e-6, rtol=0)
+    g_whole, = torch.autograd.grad(whole.sum(), logits)
+    g_chunked, = torch.autograd.grad(chunked.sum(), logits)
+    torch.testing.assert_close(g_chunked, g_whole)
+    p = torch.softmax(logits_masked, -1)
+    ref_h = -(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))).sum(-1)  # H = -sum p log p
+    torch.testing.assert_close(entropy_from_logits(logits_masked, max_elements=21), ref_h, atol=1e-5, rtol=0)
+    assert token_logprobs(torch.zeros(0, 3, 7), torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)

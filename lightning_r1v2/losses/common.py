@@ -1,9 +1,9 @@
 """Shared tensor helpers for the losses: per-token log-probs, entropy, masked means.
 
 Departures from a textbook implementation, and why:
-- Log-probs and entropy are computed one batch row at a time in float32, never as a full
-  ``log_softmax`` over ``[B, T, V]``: with a 150K vocabulary a float32 copy of the whole
-  logits tensor is the largest buffer of a step, a row is B times smaller.
+- Log-probs and entropy are computed in float32 over chunks of rows of at most
+  ``CHUNK_ELEMENTS`` logits, never as a full ``log_softmax`` over a large ``[B, T, V]``: with a
+  150K vocabulary a float32 copy of the whole logits tensor is the largest buffer of a step.
 - Labels equal to -100 (or any negative value) are read as index 0; the caller masks them.
 """
 
@@ -13,49 +13,67 @@ import torch
 from torch import Tensor
 
 
-def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+CHUNK_ELEMENTS = 1 << 24  # float32 elements per chunk of rows: 64 MB
+
+
+def _row_chunks(logits: Tensor, max_elements: int) -> list[slice]:
+    """Consecutive row ranges of ``[B, T, V]`` logits holding at most ``max_elements`` each (>= 1 row)."""
+    B = logits.shape[0]
+    per_row = max(1, logits[0].numel()) if B else 1
+    step = max(1, max_elements // per_row)
+    return [slice(i, min(i + step, B)) for i in range(0, B, step)]
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, max_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """log pi(labels[b, t] | ...) = z[labels] - logsumexp(z), in float32.
 
+    Computed over chunks of rows of at most ``max_elements`` logits, never as one float32 copy
+    of a large ``[B, T, V]`` (with a 150K vocabulary that copy would be the largest buffer of a
+    step); small batches are one chunk, with no Python loop over samples.
+
     Args:
-        logits: ``[B, T, V]`` any float dtype (bf16 is upcast row by row).
+        logits: ``[B, T, V]`` any float dtype (bf16 is upcast chunk by chunk).
         labels: ``[B, T]`` int; negative values (-100) are read as 0, mask them yourself.
+        max_elements: logits per chunk.
 
     Returns:
         ``[B, T]`` float32 log-probabilities; differentiable w.r.t. ``logits``.
     """
     labels = labels.clamp(min=0)  # [B, T]
-    rows = []
-    for row_logits, row_labels in zip(logits, labels):  # [T, V], [T]
-        row_logits = row_logits.float()  # [T, V]
-        picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)  # [T]
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))  # [T]
-    if not rows:
+    if logits.shape[0] == 0:
         return logits.new_zeros(labels.shape, dtype=torch.float32)
-    return torch.stack(rows)  # [B, T]
+    parts = []
+    for rows in _row_chunks(logits, max_elements):
+        z = logits[rows].float()  # [b, T, V]
+        picked = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1)  # [b, T]
+        parts.append(picked - torch.logsumexp(z, dim=-1))  # [b, T]
+    return torch.cat(parts)  # [B, T]
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
+def entropy_from_logits(logits: Tensor, max_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """Entropy of the next-token distribution, in nats, float32.
 
     H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v.
 
     Logits of ``-inf`` (tokens masked out of the distribution) have p_v = 0 and add nothing.
+    Computed over chunks of rows of at most ``max_elements`` logits, as ``token_logprobs``.
 
     Args:
         logits: ``[B, T, V]``.
+        max_elements: logits per chunk.
 
     Returns:
         ``[B, T]`` float32 entropies.
     """
-    rows = []
-    for row_logits in logits:  # [T, V]
-        row_logits = row_logits.float()  # [T, V]
-        probs = torch.softmax(row_logits, dim=-1)  # [T, V]
-        weighted = torch.where(probs > 0, probs * row_logits, torch.zeros_like(row_logits))  # [T, V] 0*-inf -> 0
-        rows.append(torch.logsumexp(row_logits, dim=-1) - weighted.sum(-1))  # [T]
-    if not rows:
+    if logits.shape[0] == 0:
         return logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
-    return torch.stack(rows)  # [B, T]
+    parts = []
+    for rows in _row_chunks(logits, max_elements):
+        z = logits[rows].float()  # [b, T, V]
+        probs = torch.softmax(z, dim=-1)  # [b, T, V]
+        weighted = torch.where(probs > 0, probs * z, torch.zeros_like(z))  # [b, T, V] 0*-inf -> 0
+        parts.append(torch.logsumexp(z, dim=-1) - weighted.sum(-1))  # [b, T]
+    return torch.cat(parts)  # [B, T]
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
