@@ -148,6 +148,12 @@ def build_data(cfg: dict, prompts: int | None = None, val_file: str | None = Non
     return R1V2DataModule(**args)
 
 
+def optimizer_steps_per_batch(m, dm: R1V2DataModule) -> int:
+    """Optimizer steps GRPO takes per rollout batch (``trainer.max_steps`` counts these)."""
+    rows = dm.hparams.batch_size * m.hparams.group_size  # rollout rows per batch
+    return m.hparams.updates_per_batch * math.ceil(rows / (m.hparams.mini_batch_size or rows))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5, help="measured steps (default 5)")
@@ -167,10 +173,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     m = build_module(cfg, a.group_size, a.max_new_tokens, init, cls=TimedGRPO, table_every_n_steps=0)
     dm = build_data(cfg, a.prompts)
     timer = StepTimer()
-    rows = dm.hparams.batch_size * m.hparams.group_size  # rollout rows per batch
-    per_batch = m.hparams.updates_per_batch * math.ceil(rows / (m.hparams.mini_batch_size or rows))
-    trainer = L.Trainer(  # max_steps counts optimizer steps: per_batch of them per rollout batch
-        max_steps=(a.warmup + a.steps) * per_batch, accelerator=a.accelerator, devices=1, logger=False,
+    trainer = L.Trainer(  # max_steps counts optimizer steps, not rollout batches
+        max_steps=(a.warmup + a.steps) * optimizer_steps_per_batch(m, dm), accelerator=a.accelerator, devices=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[*reward_callbacks(cfg), timer],
     )
