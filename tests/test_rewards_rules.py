@@ -152,3 +152,32 @@ def test_normalize_answer():
     assert normalize_answer(r" \text{Blue}. ") == "blue"
     assert normalize_answer(r"$\mathrm{Yes}$") == "yes"
     assert normalize_answer("2.") == "2"
+
+
+# grounding: 1 - (false + missing) / (claims + missing), worked by hand
+COUNTS = {"red": 2, "green": 0, "blue": 1}
+
+
+@pytest.mark.parametrize("reasoning, complete, expected, why", [
+    ("red 2 green 0 blue 1", True, 1.0, "3 true claims, none missing: 1 - 0/3"),
+    ("red 2 green 1 blue 1", True, 2 / 3, "green 1 is false: 1 - 1/3"),
+    ("red 2 green 1", True, 1 / 3, "green false, blue missing: 1 - (1 + 1)/(2 + 1)"),
+    ("red 0", True, 0.0, "red false, green and blue missing: 1 - (1 + 2)/(1 + 2)"),
+    ("red 2", True, 1 / 3, "the hack of stating less: 1 true claim, 2 missing: 1 - 2/3"),
+    ("red 2", False, 1.0, "precision only: the one claim is true"),
+    ("red 2 green 0 blue 1 purple 3", True, 0.75, "purple is not in the scene: 1 - 1/4"),
+    ("red two Green: 0 blue 1", True, 1.0, "number words, case and ':' are read"),
+    ("I see shapes", True, 0.0, "no claim at all"),
+])
+def test_grounding_reward_by_hand(reasoning, complete, expected, why):
+    from lightning_r1v2.rewards import grounding_reward
+
+    text = f"<think> {reasoning} </think> \\boxed{{2}}"
+    (got,) = grounding_reward([text], annotations=[{"counts": COUNTS}], complete=complete)
+    assert got == pytest.approx(expected), why
+
+
+def test_grounding_reward_without_annotations_is_none():
+    from lightning_r1v2.rewards import grounding_reward
+
+    assert grounding_reward(["<think> red 2 </think>"] * 2, annotations=[None, {"counts": {}}]) == [None, None]

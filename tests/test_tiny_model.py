@@ -91,3 +91,16 @@ def test_connector_and_llm_setting(processor):
     assert counts["frozen"] == counts["params/vision"]
     vision = [p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n]
     assert vision and not any(vision)
+
+
+def test_building_the_tiny_model_leaves_the_global_rng_alone(processor):
+    # the init seed fixes the weights, but must not reset the run's RNG (seed_everything would be void)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_tiny_model(tokenizer=processor.tokenizer, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(999)
+    b = build_tiny_model(tokenizer=processor.tokenizer, seed=0)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n  # same init seed -> same weights, whatever the global RNG

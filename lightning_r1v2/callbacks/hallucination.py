@@ -96,16 +96,42 @@ def reasoning_text(completion: str) -> str | None:
     return None
 
 
+def count_claims(
+    completion: str, palette: Iterable[str] = (), colour_words: Iterable[str] = COLOUR_WORDS
+) -> list[tuple[str, int]]:
+    """The reasoning's "<colour> <number>" claims, in order, as (colour lower-cased, count).
+
+    A claim is "<colour> <number>" (optionally "<colour>: <number>"), the number in digits or a
+    word zero..ten, colours (``palette`` and ``colour_words``) case-insensitive. Only the
+    reasoning block is read (``reasoning_text``); [] without one.
+
+    >>> count_claims("<think> Red 2 green: one </think> \\boxed{2}")
+    [('red', 2), ('green', 1)]
+    """
+    text = reasoning_text(completion)
+    if not text:
+        return []
+    colours = sorted({str(c).lower() for c in palette} | {c.lower() for c in colour_words}, key=len, reverse=True)
+    numbers = "|".join(NUMBER_WORDS)
+    pattern = re.compile(
+        rf"(?<![\w-])({'|'.join(map(re.escape, colours))})\s*[:=]?\s*(\d+|{numbers})\b", re.IGNORECASE
+    )
+    out = []
+    for m in pattern.finditer(text):
+        num = m.group(2).lower()
+        out.append((m.group(1).lower(), NUMBER_WORDS[num] if num in NUMBER_WORDS else int(num)))
+    return out
+
+
 def contradicted_claims(
     completion: str, annotations: dict | None, colour_words: Iterable[str] = COLOUR_WORDS
 ) -> tuple[int, int]:
     """(false_claims, total_claims) in the reasoning, checked against ``annotations["counts"]``.
 
-    A claim is "<colour> <number>" (optionally "<colour>: <number>"), the number in digits or a
-    word zero..ten, colours case-insensitive. The claim is false when the colour is in the scene's
+    Claims as ``count_claims`` reads them. The claim is false when the colour is in the scene's
     palette (the keys of ``counts``) with another count, or when the colour is not in the palette
-    (any of ``colour_words``) and the stated count is above 0. Only the reasoning block is read
-    (``reasoning_text``); (0, 0) without annotations, counts or reasoning.
+    (any of ``colour_words``) and the stated count is above 0. (0, 0) without annotations,
+    counts or reasoning.
 
     Example:
         counts {"red": 2, "green": 0, "blue": 3}, reasoning "red 2 green one blue 3 purple 2":
@@ -115,22 +141,12 @@ def contradicted_claims(
         (1, 3)
     """
     counts = annotations.get("counts") if isinstance(annotations, dict) else None
-    text = reasoning_text(completion)
-    if not counts or not text:
+    if not counts:
         return 0, 0
     truth = {str(k).lower(): int(v) for k, v in counts.items()}
-    colours = sorted(set(truth) | {c.lower() for c in colour_words}, key=len, reverse=True)
-    numbers = "|".join(NUMBER_WORDS)
-    pattern = re.compile(
-        rf"(?<![\w-])({'|'.join(map(re.escape, colours))})\s*[:=]?\s*(\d+|{numbers})\b", re.IGNORECASE
-    )
-    false = total = 0
-    for m in pattern.finditer(text):
-        colour, num = m.group(1).lower(), m.group(2).lower()
-        value = NUMBER_WORDS[num] if num in NUMBER_WORDS else int(num)
-        total += 1
-        false += value != truth[colour] if colour in truth else value > 0
-    return int(false), total
+    claims = count_claims(completion, truth, colour_words)
+    false = sum(value != truth[colour] if colour in truth else value > 0 for colour, value in claims)
+    return int(false), len(claims)
 
 
 def denies_seeing(completion: str, phrases: Iterable[str] = DEFAULT_DENIAL_PHRASES) -> bool:

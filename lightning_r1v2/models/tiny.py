@@ -201,8 +201,9 @@ def build_tiny_model(cfg: TinyVLMConfig | None = None, tokenizer=None, seed: int
         downsample_ratio=0.5,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)
+    with torch.random.fork_rng(devices=[]):  # the init seed must not reset the run's RNG (seed_everything)
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
