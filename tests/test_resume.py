@@ -139,7 +139,7 @@ def stage_config(stage: str, run: Path, *, batches: int, data: dict, model: dict
     for cb in t["callbacks"]:
         name = cb["class_path"].rsplit(".", 1)[-1]
         cb["init_args"] = dict(cb.get("init_args") or {}, **(callback_args or {}).get(name, {}))
-        if name == "ModelCheckpoint":  # a checkpoint after every batch, all kept
+        if name in ("ModelCheckpoint", "LastCheckpoint"):  # a checkpoint after every batch, all kept
             cb["init_args"].update(dirpath=str(run / "ckpt"), every_n_train_steps=1, save_top_k=-1)
     t["callbacks"].append({"class_path": "test_resume.StepRecorder", "init_args": {
         "path": str(record), "pause_after": pause_after, "announce": announce, "sigint_after": sigint_after}})
@@ -254,8 +254,8 @@ def compare_final_checkpoints(straight: Path, resumed: Path) -> tuple[dict, dict
     for key in a:
         if key.endswith("DataModule"):
             assert_same(a[key], b[key], key, atol=0)  # sampler epoch and position
-    cbs = {k: v for k, v in a["callbacks"].items() if not k.startswith("ModelCheckpoint")}  # paths differ
-    assert_same(cbs, {k: v for k, v in b["callbacks"].items() if not k.startswith("ModelCheckpoint")}, "callbacks")
+    cbs = {k: v for k, v in a["callbacks"].items() if not k.startswith(("ModelCheckpoint", "LastCheckpoint"))}  # paths differ
+    assert_same(cbs, {k: v for k, v in b["callbacks"].items() if not k.startswith(("ModelCheckpoint", "LastCheckpoint"))}, "callbacks")
     for key in ("mpo_delta", "mpo_ref_logps"):
         assert (key in a) == (key in b)
         if key in a:

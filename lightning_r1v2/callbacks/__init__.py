@@ -1,8 +1,9 @@
 """Callbacks around a GRPO step: the Selective Sample Buffer, monitors and signals."""
 from .buffer import SelectiveSampleBuffer
+from .checkpoint import LastCheckpoint
 from .entropy import CriticalTokenEntropy
 from .hallucination import HallucinationMonitor
 from .hooks import RolloutHooks, call_rollout_hook
 from .interrupt import SaveOnInterrupt
 
-__all__ = ["SelectiveSampleBuffer", "CriticalTokenEntropy", "HallucinationMonitor", "RolloutHooks", "SaveOnInterrupt", "call_rollout_hook"]
+__all__ = ["LastCheckpoint", "SelectiveSampleBuffer", "CriticalTokenEntropy", "HallucinationMonitor", "RolloutHooks", "SaveOnInterrupt", "call_rollout_hook"]

@@ -1,0 +1,29 @@
+"""``ModelCheckpoint`` whose ``last.ckpt`` always holds the final weights of a run.
+
+Lightning's ``ModelCheckpoint(save_last=True, every_n_train_steps=N)`` refreshes ``last.ckpt``
+only when it saves a step checkpoint, and at the end of training only if it never saved one
+(``ModelCheckpoint.on_train_end``, Lightning 2.6). A run whose ``max_steps`` is not a multiple of
+N therefore ends with a ``last.ckpt`` up to N - 1 optimizer steps old, and the next stage (which
+reads ``last.ckpt``) silently starts from stale weights. This subclass also saves ``last.ckpt``
+at the end of training whenever the final step is not in it yet.
+"""
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that writes ``last.ckpt`` at the end of training if it is behind.
+
+    Same arguments as Lightning's ``ModelCheckpoint``; ``save_last`` defaults to True here (with
+    ``save_last="link"`` the end-of-training behaviour is Lightning's).
+    """
+
+    def __init__(self, *args, save_last: bool | str = True, **kwargs):
+        super().__init__(*args, save_last=save_last, **kwargs)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last is True and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = trainer.global_step
