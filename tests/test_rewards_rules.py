@@ -181,3 +181,14 @@ def test_grounding_reward_without_annotations_is_none():
     from lightning_r1v2.rewards import grounding_reward
 
     assert grounding_reward(["<think> red 2 </think>"] * 2, annotations=[None, {"counts": {}}]) == [None, None]
+
+
+def test_accuracy_letter_only_for_choice_questions():
+    opts = ["0", "1", "2", "3"]  # gold B = "1"
+    texts = ["\\boxed{B}", "\\boxed{(B)}", "\\boxed{1}", "\\boxed{C}", "\\boxed{2}", "\\boxed{B) 1}"]
+    lenient = accuracy_reward(texts, answer=["B"] * 6, choices=[opts] * 6)
+    strict = accuracy_reward(texts, answer=["B"] * 6, choices=[opts] * 6, choice_text=False)
+    assert lenient == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]  # "1" is option B's text: accepted by default
+    assert strict == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]  # the text alone is not the letter asked for
+    # records without choices are untouched by the flag
+    assert accuracy_reward(["\\boxed{2}"], answer=["2"], choice_text=False) == [1.0]

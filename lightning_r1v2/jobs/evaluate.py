@@ -42,7 +42,9 @@ def evaluate_module(module, records: list[dict], batch_size: int = 100, max_new_
         batch = collate(records[i : i + batch_size])
         out = module.generate(batch, max_new_tokens)
         texts += [clean_completion(t, module.tokenizer) for t in out]
-    acc = accuracy_reward(texts, answer=[r["answer"] for r in records], choices=[r.get("choices") for r in records])
+    answers, choices = [r["answer"] for r in records], [r.get("choices") for r in records]
+    acc = accuracy_reward(texts, answer=answers, choices=choices)
+    letters_only = accuracy_reward(texts, answer=answers, choices=choices, choice_text=False)
     fmt = format_reward(texts)
     by_type: dict[str, list[float]] = defaultdict(list)
     for r, a in zip(records, acc):
@@ -50,6 +52,8 @@ def evaluate_module(module, records: list[dict], batch_size: int = 100, max_new_
     hall = hallucination_rates(texts, records)
     return {
         "accuracy": sum(float(a or 0.0) for a in acc) / len(records),
+        # multiple choice answered by its letter only (the option's text boxed instead counts as wrong)
+        "accuracy_letter_only": sum(float(a or 0.0) for a in letters_only) / len(records),
         "format": sum(float(f or 0.0) for f in fmt) / len(records),
         "hallucination": hall["contradiction_rate"],
         "claim_error_rate": hall["claim_error_rate"],

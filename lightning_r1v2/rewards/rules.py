@@ -189,12 +189,14 @@ def _letter(s: str, with_text: bool) -> str | None:
     return bare if bare is not None else (m.group(3) or m.group(4)) if with_text else None
 
 
-def _choice_index(pred: str, choices: list, letters: str) -> int | None:
+def _choice_index(pred: str, choices: list, letters: str, by_text: bool = True) -> int | None:
     """The option ``pred`` names: by letter (``B``, ``(B)``, ``b``, ``B.``, ``B)``, ``B) 2``) or by text."""
     p = _CHOICE_PREFIX.sub("", normalize_answer(pred))
     letter = _letter(p, with_text=True)
     if letter is not None and letter in letters:
         return letters.index(letter)
+    if not by_text:
+        return None
     for i, c in enumerate(choices):
         if c is not None and normalize_answer(str(c)) == p:
             return i
@@ -212,7 +214,9 @@ def _gold_index(gold: str, choices: list, letters: str) -> int | None:
     return None
 
 
-def accuracy_reward(completions: list[str], answer: list, choices: list | None = None, **kwargs) -> list[float | None]:
+def accuracy_reward(
+    completions: list[str], answer: list, choices: list | None = None, choice_text: bool = True, **kwargs
+) -> list[float | None]:
     """1.0 when the last ``\\boxed{}`` of a completion holds the reference answer, else 0.0.
 
     r_acc(y) = 1[ extract_boxed(y) ≡ answer ], where ≡ is, for a record with ``choices`` (option
@@ -220,6 +224,10 @@ def accuracy_reward(completions: list[str], answer: list, choices: list | None =
     ``B.``, ``B)``) or by the option's text; otherwise :func:`is_correct` (normalised string
     equality, numeric equality, math-verify equivalence). No box gives 0.0; a row whose
     ``answer`` is None gives None (not applicable).
+
+    ``choice_text=False`` accepts the letter only: for prompts that say "answer with the letter",
+    where boxing the option's text skips the step the question tests (GRPO on the tiny task
+    learnt to box the count instead of its letter when the text was accepted).
 
     Example:
         >>> accuracy_reward(
@@ -246,7 +254,7 @@ def accuracy_reward(completions: list[str], answer: list, choices: list | None =
             letters = "abcdefghijklmnopqrstuvwxyz"[: len(opts)]
             gi = _gold_index(gold, opts, letters)
             if gi is not None:
-                out.append(1.0 if _choice_index(pred, opts, letters) == gi else 0.0)
+                out.append(1.0 if _choice_index(pred, opts, letters, by_text=choice_text) == gi else 0.0)
                 continue
         out.append(1.0 if is_correct(pred, gold) else 0.0)
     return out

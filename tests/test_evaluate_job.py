@@ -1,0 +1,36 @@
+"""The evaluate job's numbers, from crafted completions whose scores are known."""
+from lightning_r1v2.data.records import read_records
+from lightning_r1v2.jobs.evaluate import evaluate_module, majority_baseline
+from lightning_r1v2.modules import SFTModule
+
+
+def _reasoning(rec):
+    counts = rec["annotations"]["counts"]
+    return "<think> " + " ".join(f"{c} {n}" for c, n in counts.items()) + " </think> "
+
+
+def test_evaluate_module_scores_crafted_completions(tiny_data):
+    records, _ = read_records(tiny_data / "val.jsonl")
+    m = SFTModule()
+    texts = []
+    for i, r in enumerate(records):
+        if r.get("choices") and i % 2 == 0:  # the right option, boxed by its text instead of its letter
+            gold = "ABCDEFGH".index(r["answer"])
+            texts.append(_reasoning(r) + f"\\boxed{{{r['choices'][gold]}}}")
+        elif i % 3 == 0:
+            texts.append("\\boxed{nothing}")  # wrong, no reasoning block
+        else:
+            texts.append(_reasoning(r) + f"\\boxed{{{r['answer']}}}")
+    it = iter(texts)  # evaluate_module generates batch by batch, in record order
+    m.generate = lambda batch, max_new_tokens: [next(it) for _ in batch["records"]]
+    out = evaluate_module(m, records, batch_size=5)
+    n = len(records)
+    text_boxed = sum(1 for i, r in enumerate(records) if r.get("choices") and i % 2 == 0)
+    wrong = sum(1 for i, r in enumerate(records) if not (r.get("choices") and i % 2 == 0) and i % 3 == 0)
+    assert text_boxed > 0 and wrong > 0
+    assert out["n"] == n and out["completions"] == texts
+    assert abs(out["accuracy"] - (n - wrong) / n) < 1e-9  # the option's text counts by default
+    assert abs(out["accuracy_letter_only"] - (n - wrong - text_boxed) / n) < 1e-9
+    assert abs(out["format"] - (n - wrong) / n) < 1e-9  # "\boxed{nothing}" has no <think> block
+    assert out["hallucination"] == 0.0  # every stated count is the annotation's
+    assert 0.0 <= majority_baseline(records, records) <= 1.0
