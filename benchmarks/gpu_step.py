@@ -31,8 +31,10 @@ Printed per variant, as medians over the measured rollout batches (one rollout b
 - ``update tok``: tokens the update's forwards and backwards see, ``T_update = updates_per_batch x
   (prompt tokens + completion tokens)``, padding excluded, each group's prompt counted once when
   ``share_prompt_forward`` reuses it;
-- ``update TFLOP/s`` and ``MFU %``: ``6 x N x T_update / update s``, with ``N`` all the policy's
-  parameters (the tiny config trains all of them; with frozen parts this overcounts), as a share of
+- ``update TFLOP/s`` and ``MFU %``: ``(2 x N + 4 x N_trainable) x T_update / update s`` (forward
+  through all ``N`` parameters, backward through the trainable ones; ``6 x N x T_update`` when all
+  train; the tiny config freezes the vision tower, which the formula leaves out of the backward;
+  an approximation: the backward of a frozen layer between trainable ones is not free), as a share of
   ``--peak-tflops`` (989: H100 SXM dense bf16; 756 for H100 PCIe; on a CPU the number only shows
   the column works).
 
@@ -43,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import resource
 import statistics
 import sys
@@ -55,11 +56,12 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpo_step import build_data, build_module, load_config, reward_callbacks  # noqa: E402
+from grpo_step import build_data, build_module, load_config, optimizer_steps_per_batch, reward_callbacks  # noqa: E402
 
 COLUMNS = ["variant", "precision", "step s", "generate s", "update s", "peak mem GB", "rollout tok/s",
            "update tok", "update TFLOP/s", "MFU %"]
-FORMULA = "MFU = 6 x N x T_update / (update s x peak); N = all policy parameters, T_update = updates_per_batch x (prompt + completion tokens)"
+FORMULA = ("MFU = (2 x N + 4 x N_trainable) x T_update / (update s x peak) (= 6 x N x T_update when all train); "
+           "N = all policy parameters, T_update = updates_per_batch x (prompt + completion tokens)")
 
 
 def _sync():
@@ -96,12 +98,6 @@ class StepStats(L.Callback):
         })
 
 
-def optimizer_steps_per_batch(module, rows: int) -> int:
-    """``trainer.max_steps`` counts optimizer steps: passes x mini-batches per rollout batch."""
-    mb = module.hparams.mini_batch_size or rows
-    return module.hparams.updates_per_batch * math.ceil(rows / mb)
-
-
 def run_variant(name: str, args, cfg: dict, train_file: str, device: str, precision: str, strategy) -> dict:
     """Fit ``--warmup + --steps`` rollout batches under one precision/strategy; return the medians."""
     L.seed_everything(args.seed, verbose=False)
@@ -115,7 +111,7 @@ def run_variant(name: str, args, cfg: dict, train_file: str, device: str, precis
     batches = args.warmup + args.steps
     rows = dm.hparams.batch_size * module.hparams.group_size
     trainer = L.Trainer(
-        max_steps=batches * optimizer_steps_per_batch(module, rows),
+        max_steps=batches * optimizer_steps_per_batch(module, dm),
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
         strategy=strategy if strategy is not None else "auto",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -131,7 +127,8 @@ def run_variant(name: str, args, cfg: dict, train_file: str, device: str, precis
     measured = stats.rows[args.warmup:]
     med = {k: statistics.median(r[k] for r in measured) for k in measured[0]}
     n_params = sum(p.numel() for p in module.model.parameters())
-    flops = 6 * n_params * med["update_tokens"]
+    n_trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    flops = (2 * n_params + 4 * n_trainable) * med["update_tokens"]  # forward all, backward the trainable
     out = {
         "variant": name,
         "precision": precision,
@@ -144,7 +141,7 @@ def run_variant(name: str, args, cfg: dict, train_file: str, device: str, precis
         "update TFLOP/s": flops / med["update"] / 1e12,
         "MFU %": 100 * flops / med["update"] / (args.peak_tflops * 1e12),
         "_params": n_params,
-        "_trainable": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
+        "_trainable": n_trainable,
         "_rows": rows,
     }
     del trainer, module, dm

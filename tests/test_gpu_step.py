@@ -29,4 +29,4 @@ def test_gpu_step_cpu_smoke_prints_the_table():
     assert abs(numbers["MFU %"] - 100 * numbers["update TFLOP/s"] / 100) <= 0.01 * numbers["MFU %"]
     assert numbers["generate s"] + numbers["update s"] <= numbers["step s"] * 1.001
     assert "variant b (deepspeed_stage_2) skipped" in out.stdout and "CUDA" in out.stdout
-    assert "MFU = 6 x N x T_update" in out.stdout and "peak = 100 TFLOP/s" in out.stdout
+    assert "MFU = (2 x N + 4 x N_trainable) x T_update" in out.stdout and "peak = 100 TFLOP/s" in out.stdout
