@@ -170,7 +170,7 @@ def test_capacity_evicts_oldest():
     ssb = SelectiveSampleBuffer(capacity=6, max_age=0)
     ssb.on_advantages(trainer_at(0), None, make_rollouts(EFF + ZERO, tag=1))
     ssb.on_advantages(trainer_at(1), None, make_rollouts(EFF + EFF, tag=2))  # no zero rows
-    stored = ssb.state_dict()["store"]["completion_ids"][:, 0].tolist()
+    stored = ssb.state_dict()["per_rank"][0]["store"]["completion_ids"][:, 0].tolist()
     assert stored == [202, 203, 204, 205, 206, 207]  # 4 + 8 = 12 > 6: the 6 oldest go
     assert len(ssb) == 6 and ssb.last_stats["ssb/evicted_capacity"] == 6.0
 
@@ -221,7 +221,7 @@ def test_buffer_trims_unused_padding():
     ssb = SelectiveSampleBuffer(max_age=0)
     b = make_rollouts([1.0, 0, 0, 0], tag=1, completion_len=8, lengths=[3, 8, 8, 8])
     ssb.on_advantages(trainer_at(0), None, b)
-    assert ssb.state_dict()["store"]["completion_ids"].shape == (1, 3)
+    assert ssb.state_dict()["per_rank"][0]["store"]["completion_ids"].shape == (1, 3)
 
 
 def test_dropped_rows_count_as_zero_and_are_not_stored():
@@ -230,7 +230,7 @@ def test_dropped_rows_count_as_zero_and_are_not_stored():
     b.dropped = torch.tensor([False, True, False, False])
     ssb.on_advantages(trainer_at(0), None, b)
     assert ssb.last_stats["ssb/effective_share_before"] == 0.75 and len(ssb) == 3
-    assert 101 not in ssb.state_dict()["store"]["completion_ids"][:, 0].tolist()
+    assert 101 not in ssb.state_dict()["per_rank"][0]["store"]["completion_ids"][:, 0].tolist()
 
 
 def test_missing_reward_columns_are_nan_on_replayed_rows():

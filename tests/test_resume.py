@@ -329,7 +329,8 @@ def grpo_cfg(data16, clear_every_epoch=False, **data) -> dict:
 
 
 def _ssb_state(ckpt: dict) -> dict:
-    return next(v for k, v in ckpt["callbacks"].items() if k.startswith("SelectiveSampleBuffer"))
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("SelectiveSampleBuffer"))
+    return state["per_rank"][0]  # one rank here
 
 
 def test_grpo_kill_mid_epoch_and_resume_equals_a_run_never_stopped(data16, tmp_path):

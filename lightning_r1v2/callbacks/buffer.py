@@ -31,20 +31,26 @@ Replayed rows are marked ``from_buffer = True`` and get negative ``group_ids`` b
 the batch, one id per (step stored, original group), so they never merge with this step's groups.
 
 Distributed runs: the buffer is per rank (each rank buffers and replays its own rows, no
-communication). Lightning saves callback state from rank 0 only, so on resume every rank starts
-from rank 0's buffer and generator state; the ranks' buffers diverge again as new rows arrive and
-the restored ones age out. Before any resume each rank draws from its own stream (seed + rank).
+communication during training; each rank draws from its own stream, seed + rank). Lightning
+writes the checkpoint from rank 0 only, so ``state_dict`` gathers every rank's buffer and
+generator state to it (``all_gather_object``: Lightning calls ``state_dict`` on every rank when
+it saves) and ``load_state_dict`` gives each rank its own part back. Resumed with a different
+number of ranks, a rank without a saved part starts from an empty buffer (logged).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import fields, replace
 
+import logging
+
 import torch
 from torch import Tensor
 
 from lightning_r1v2.callbacks.hooks import RolloutHooks
 from lightning_r1v2.rollout.types import Rollouts
+
+log = logging.getLogger("lightning_r1v2.buffer")
 
 __all__ = ["buffer_sample_probs", "draw_from_buffer", "SelectiveSampleBuffer"]
 
@@ -246,24 +252,50 @@ class SelectiveSampleBuffer(RolloutHooks):
     # -- checkpointing --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Buffered rows (plain tensors, lists and dicts), their steps, the call count, the RNG."""
-        store = None
-        if self._store is not None:
-            store = {f.name: getattr(self._store, f.name) for f in fields(Rollouts)}
-        return {
-            "version": 1,
-            "store": store,
-            "steps": self._steps.clone(),
-            "calls": self._calls,
-            "generator": self.generator.get_state(),
-        }
+        """Every rank's buffered rows (plain CPU tensors, lists, dicts), steps, call count and RNG.
+
+        Collective in a distributed run: every rank must call it (Lightning does, when it saves).
+        """
+        local = self._local_state()
+        world, _ = _dist_world()
+        parts = [local]
+        if world > 1:
+            import torch.distributed as dist
+
+            parts = [None] * world
+            dist.all_gather_object(parts, local)
+        return {"version": 2, "per_rank": parts}
 
     def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
-        store = state_dict.get("store")
+        if "per_rank" not in state_dict:  # version 1: one buffer, saved by rank 0
+            self._load_local(state_dict)
+            return
+        parts = state_dict["per_rank"]
+        _, rank = _dist_world()
+        if rank < len(parts):
+            self._load_local(parts[rank])
+            return
+        log.warning("SelectiveSampleBuffer: the checkpoint holds %d rank(s), this is rank %d: starting it "
+                    "from an empty buffer", len(parts), rank)
+        self.clear()
+        self._calls = int(parts[0]["calls"])
+        self.generator.manual_seed(self.seed + rank)
+        self._rank_seeded = True
+
+    def _local_state(self) -> dict:
+        store = None
+        if self._store is not None:
+            cpu = _map_tensors(self._store, lambda t: t.detach().cpu())
+            store = {f.name: getattr(cpu, f.name) for f in fields(Rollouts)}
+        return {"store": store, "steps": self._steps.clone(), "calls": self._calls,
+                "generator": self.generator.get_state()}
+
+    def _load_local(self, state: dict) -> None:
+        store = state.get("store")
         self._store = None if store is None else Rollouts(**store)
-        self._steps = state_dict["steps"].clone().long()
-        self._calls = int(state_dict["calls"])
-        self.generator.set_state(state_dict["generator"])
+        self._steps = state["steps"].clone().long()
+        self._calls = int(state["calls"])
+        self.generator.set_state(state["generator"])
         self._rank_seeded = True
 
     # -- internals ------------------------------------------------------------------------------------
@@ -327,6 +359,15 @@ class SelectiveSampleBuffer(RolloutHooks):
         base = min(0, int(like.group_ids.min())) - 1
         rows = replace(rows, group_ids=base - inverse, from_buffer=torch.ones(n, dtype=torch.bool))
         return _map_tensors(_align(rows, like), lambda t: t.to(device))
+
+
+def _dist_world() -> tuple[int, int]:
+    """(world size, rank) of the default process group, (1, 0) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def _map_tensors(r: Rollouts, fn) -> Rollouts:
