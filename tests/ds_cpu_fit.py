@@ -1,0 +1,82 @@
+"""Fit the tiny GRPO config for 2 rollout batches under Lightning's DeepSpeedStrategy on DeepSpeed's
+CPU accelerator; print what tests/test_deepspeed_cpu.py checks. Run: DS_ACCELERATOR=cpu python
+tests/ds_cpu_fit.py STAGE [MICRO_BATCH_SIZE] [SFT_CKPT or none]
+
+Lightning refuses DeepSpeed without CUDA (DeepSpeedStrategy.setup_environment) and DeepSpeed reads
+the device index from Lightning's root device (None on a CPU); ``CPUDeepSpeedStrategy`` only
+bypasses those two, so everything else (engine set-up, ZeRO partitioning, manual optimization,
+generation with gathered parameters) is the real code path. A test helper, not a product feature.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
+
+import deepspeed  # noqa: E402
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
+from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
+from lightning.pytorch.strategies.ddp import DDPStrategy  # noqa: E402
+
+from grpo_step import build_data, build_module, load_config, optimizer_steps_per_batch, reward_callbacks  # noqa: E402
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    def setup_environment(self):
+        DDPStrategy.setup_environment(self)  # skips only the CUDA check
+
+    @property
+    def root_device(self):
+        return torch.device("cpu", 0)  # DeepSpeed takes device_rank from root_device.index
+
+    def setup_distributed(self):
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+
+def main(stage: int, micro: int, ckpt: str | None):
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    cfg = load_config()
+    m = build_module(cfg, 8, 24, ckpt, table_every_n_steps=0, max_grad_norm=0.0, micro_batch_size=micro)
+    dm = build_data(cfg, 4, val_file=None)
+    before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 1,
+              "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0}
+    if micro:
+        config["managed_gradient_accumulation"] = False
+    rewards = reward_callbacks(cfg)
+    if ckpt is None:  # random init: the task's rewards are all 0; a reward that varies within groups
+        from lightning_r1v2.rewards import RewardCallback
+
+        rewards = [RewardCallback(lambda completions, **k: [float(len(c) % 3) for c in completions], name="len")]
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=CPUDeepSpeedStrategy(config=config),
+                        precision="32-true", max_steps=2 * optimizer_steps_per_batch(m, dm), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=rewards)
+    trainer.fit(m, dm)
+    partitioned = any(hasattr(p, "ds_id") for p in m.model.parameters())
+    with deepspeed.zero.GatheredParameters(list(m.model.parameters())):
+        trainable = {n: p.detach().cpu().clone() for n, p in m.model.named_parameters() if p.requires_grad}
+        frozen = {n: p.detach().cpu().clone() for n, p in m.model.named_parameters() if not p.requires_grad}
+    print("RESULT " + json.dumps({
+        "global_step": trainer.global_step,
+        "partitioned": partitioned,
+        "changed": sum(not torch.equal(v, before[n]) for n, v in trainable.items()),
+        "trainable": len(trainable),
+        "frozen_unchanged": all(torch.equal(v, before[n]) for n, v in frozen.items()),
+        "finite": all(torch.isfinite(v).all().item() for v in trainable.values()),
+        "completions": m.last_rollouts.completions,
+        "reward": float(trainer.callback_metrics["reward"]),
+    }))
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    main(int(args[0]), int(args[1]) if len(args) > 1 else 0, args[2] if len(args) > 2 and args[2] != "none" else None)
