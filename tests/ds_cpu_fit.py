@@ -77,6 +77,49 @@ def main(stage: int, micro: int, ckpt: str | None):
     }))
 
 
+def main_mpo(stage: int, workdir: str):
+    """Two MPO steps (reference model kept, ZeRO-partitioned with the policy under stage 3)."""
+    from lightning_r1v2.data.pairs import PreferenceDataModule
+    from lightning_r1v2.data.records import read_records
+    from lightning_r1v2.data.synthetic import make_data
+    from lightning_r1v2.modules import MPOModule
+
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    make_data(workdir, train=8, val=2, seed=1, difficulty="easy")
+    records, _ = read_records(Path(workdir) / "train.jsonl")
+    pairs = Path(workdir) / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for rec in records:
+            row = {k: rec[k] for k in ("id", "question", "answer")}
+            row.update(image=rec["image_rel"], pair_id=f"{rec['id']}/0", chosen=rec["response"],
+                       rejected="<think> red 9 </think> \\boxed{9}")
+            f.write(json.dumps(row) + "\n")
+    m = MPOModule(reference="model", lr=1e-3)
+    dm = PreferenceDataModule(train_file=str(pairs), val_file=None, batch_size=4)
+    before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 4,
+              "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0}
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=CPUDeepSpeedStrategy(config=config),
+                        precision="32-true", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0)
+    trainer.fit(m, dm)
+    with deepspeed.zero.GatheredParameters(list(m.model.parameters())):
+        after = {n: p.detach().cpu().clone() for n, p in m.model.named_parameters()}
+    print("RESULT " + json.dumps({
+        "global_step": trainer.global_step,
+        "partitioned": any(hasattr(p, "ds_id") for p in m.model.parameters()),
+        "changed": sum(not torch.equal(v, before[n]) for n, v in after.items()),
+        "params": len(after),
+        "loss": float(trainer.callback_metrics["train/loss"]) if "train/loss" in trainer.callback_metrics
+        else float(next(v for k, v in trainer.callback_metrics.items() if "loss" in k)),
+    }))
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "mpo":
+        main_mpo(int(sys.argv[2]), sys.argv[3])
+        sys.exit(0)
     args = sys.argv[1:]
     main(int(args[0]), int(args[1]) if len(args) > 1 else 0, args[2] if len(args) > 2 and args[2] != "none" else None)
