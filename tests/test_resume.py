@@ -196,14 +196,16 @@ class Run:
         self.proc.send_signal(signal.SIGKILL)
         self.wait(30, expect=-signal.SIGKILL)
 
-    def wait(self, timeout: float = 300, expect: int = 0) -> "Run":
+    def wait(self, timeout: float = 300, expect: int | tuple = 0) -> "Run":
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             pytest.fail(f"timed out:\n{self.output[-4000:]}")
         self._reader.join(10)
-        assert rc == expect, f"exit {rc} (expected {expect}):\n{self.output[-4000:]}"
+        self.rc = rc
+        ok = rc in expect if isinstance(expect, tuple) else rc == expect
+        assert ok, f"exit {rc} (expected {expect}):\n{self.output[-4000:]}"
         return self
 
 

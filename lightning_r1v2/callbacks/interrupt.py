@@ -8,8 +8,9 @@ is written to ``<dirpath>/<filename>.ckpt`` and the process exits with status 13
 
     python cli.py fit --config configs/tiny/grpo.yaml --ckpt_path runs/grpo/checkpoints/interrupted.ckpt
 
-A second Ctrl-C, or one that arrives outside the training loop, raises ``KeyboardInterrupt``
-at once. Lightning then calls ``on_exception``; if training had started, the state of that moment
+A Ctrl-C after that checkpoint is written (during the shutdown) is swallowed once, with a message,
+so the exit stays clean (status 130). A second Ctrl-C before it, or one that arrives outside the
+training loop, raises ``KeyboardInterrupt`` at once. Lightning then calls ``on_exception``; if training had started, the state of that moment
 is saved to the same file, marked ``r1v2_interrupted_mid_step``, and Lightning exits with status 1.
 Resuming from it redoes the interrupted step from its first prompt (no data is skipped), but the
 step's random draws differ and an optimizer update it had already made is kept: it resumes, not
@@ -67,11 +68,18 @@ class SaveOnInterrupt(Callback):
         # os.write, not print: a handler that prints while the main thread prints can fail (reentrant call)
         os.write(2, b"\nCtrl-C: finishing this step, then saving a checkpoint and stopping (Ctrl-C again to stop now).\n")
 
-    def _install_handler(self) -> None:
+    def _on_sigint_after_save(self, signum, frame):
+        # the checkpoint is written and the run is shutting down: a Ctrl-C now would only turn a clean
+        # exit (status 130) into a traceback from Lightning's teardown; swallow one, then act as before
+        os.write(2, b"\nCtrl-C: the checkpoint is saved, finishing the shutdown (Ctrl-C again to force).\n")
+        self._restore_handler()
+
+    def _install_handler(self, handler=None) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
-        self._previous_handler = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._on_sigint)
+        if self._previous_handler is None:
+            self._previous_handler = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, handler or self._on_sigint)
 
     def _restore_handler(self) -> None:
         if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
@@ -105,7 +113,7 @@ class SaveOnInterrupt(Callback):
         finally:
             self._at_batch_start = False
         self.saved_path = str(path)
-        self._restore_handler()
+        self._install_handler(self._on_sigint_after_save)
         if trainer.is_global_zero:
             _say(f"Interrupted: saved step {trainer.global_step} to {path}\n"
                  f"Resume: run the same command with --ckpt_path {path}")
@@ -126,7 +134,8 @@ class SaveOnInterrupt(Callback):
         # A KeyboardInterrupt raised inside torch.save (e.g. ModelCheckpoint's) reaches Lightning as
         # the RuntimeError of the half-written zip file: still our second Ctrl-C.
         if not isinstance(exception, KeyboardInterrupt) and not self._stop_now:
-            self._restore_handler()
+            if not self.saved_path:  # after a step-boundary save (SystemExit 130) keep the after-save handler
+                self._restore_handler()
             return
         if isinstance(exception, KeyboardInterrupt):
             self._previous_handler = None  # Lightning now ignores SIGINT while it shuts down: leave it so
