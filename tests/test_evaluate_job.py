@@ -34,3 +34,19 @@ def test_evaluate_module_scores_crafted_completions(tiny_data):
     assert abs(out["format"] - (n - wrong) / n) < 1e-9  # "\boxed{nothing}" has no <think> block
     assert out["hallucination"] == 0.0  # every stated count is the annotation's
     assert 0.0 <= majority_baseline(records, records) <= 1.0
+
+
+def test_validation_logs_both_accuracies(tiny_data):
+    """PolicyModule.validation_step scores like evaluate: option text counts in val/accuracy only."""
+    records, _ = read_records(tiny_data / "val.jsonl")
+    choice = [r for r in records if r.get("choices")][:2]
+    assert len(choice) == 2
+    m = SFTModule()
+    gold = ["ABCDEFGH".index(r["answer"]) for r in choice]
+    texts = [f"\\boxed{{{choice[0]['choices'][gold[0]]}}}", f"\\boxed{{{choice[1]['answer']}}}"]  # text, letter
+    m.generate = lambda batch, max_new_tokens: texts
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    m.validation_step({"records": choice}, 0)
+    assert float(logged["val/accuracy"].compute()) == 1.0
+    assert float(logged["val/accuracy_letter_only"].compute()) == 0.5

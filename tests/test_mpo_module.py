@@ -116,8 +116,10 @@ def test_fit_three_steps_logs_terms_and_delta_survives_a_checkpoint(pairs_file, 
     metrics = trainer.logged_metrics
     for key in ("train/loss", "train/loss/pref", "train/loss/qual", "train/loss/gen", "train/delta",
                 "train/rewards/accuracy", "train/rewards/margin", "train/rewards/chosen", "train/rewards/rejected",
-                "train/logps/chosen", "train/logps/rejected", "train/lr", "val/accuracy", "val/format"):
+                "train/logps/chosen", "train/logps/rejected", "train/lr", "val/accuracy", "val/format",
+                "val/accuracy_letter_only"):
         assert key in metrics, key
+    assert metrics["val/accuracy_letter_only"] <= metrics["val/accuracy"]  # letters only: a subset of what counts
     assert any(not torch.equal(before[n], p) for n, p in m.model.named_parameters())
     if reference == "model":  # the reference stays the initial policy
         assert all(torch.equal(before[n], p) for n, p in m.ref_model.named_parameters())

@@ -79,6 +79,7 @@ class PolicyModule(L.LightningModule):
         if not self.defer_init:
             self._build()
         self.val_accuracy = MeanMetric()
+        self.val_accuracy_letter_only = MeanMetric()  # multiple choice by its letter only (as evaluate)
         self.val_format = MeanMetric()
         self._t_last = None
 
@@ -234,12 +235,16 @@ class PolicyModule(L.LightningModule):
 
         texts = [clean_completion(t, self.tokenizer) for t in self.generate(batch, self.hparams.eval_max_new_tokens)]
         recs = batch["records"]
-        acc = accuracy_reward(texts, answer=[r["answer"] for r in recs], choices=[r.get("choices") for r in recs])
+        answers, choices = [r["answer"] for r in recs], [r.get("choices") for r in recs]
+        acc = accuracy_reward(texts, answer=answers, choices=choices)
+        letters = accuracy_reward(texts, answer=answers, choices=choices, choice_text=False)
         fmt = format_reward(texts)
         self.val_accuracy.update(torch.tensor([float(a or 0.0) for a in acc]))
+        self.val_accuracy_letter_only.update(torch.tensor([float(a or 0.0) for a in letters]))
         self.val_format.update(torch.tensor([float(f or 0.0) for f in fmt]))
         self.log("val/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=len(recs))
         self.log("val/format", self.val_format, on_epoch=True, prog_bar=True, batch_size=len(recs))
+        self.log("val/accuracy_letter_only", self.val_accuracy_letter_only, on_epoch=True, batch_size=len(recs))
 
     # --------------------------------------------------------------- timing
     def _throughput(self, tokens: int) -> float:
