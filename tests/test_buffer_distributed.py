@@ -55,7 +55,7 @@ def test_a_rank_without_a_saved_part_starts_empty(monkeypatch, caplog):
     ssb = SelectiveSampleBuffer(capacity=16, seed=3)
     ssb.on_advantages(trainer_at(0), None, make_rollouts(EFF + ZERO, tag=1))
     state = ssb.state_dict()  # one rank
-    monkeypatch.setattr(buffer, "_dist_world", lambda: (2, 1))  # resumed on 2 ranks: this is rank 1
+    monkeypatch.setattr(buffer, "world_and_rank", lambda: (2, 1))  # resumed on 2 ranks: this is rank 1
     resumed = SelectiveSampleBuffer(capacity=16, seed=3)
     resumed.load_state_dict(state)
     assert len(resumed) == 0 and "starting it from an empty buffer" in caplog.text

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from lightning_r1v2.callbacks.hooks import RolloutHooks
 from lightning_r1v2.rollout.types import Rollouts
+from lightning_r1v2.utils.distributed import world_and_rank
 
 log = logging.getLogger("lightning_r1v2.buffer")
 
@@ -257,7 +258,7 @@ class SelectiveSampleBuffer(RolloutHooks):
         Collective in a distributed run: every rank must call it (Lightning does, when it saves).
         """
         local = self._local_state()
-        world, _ = _dist_world()
+        world, _ = world_and_rank()
         parts = [local]
         if world > 1:
             import torch.distributed as dist
@@ -271,7 +272,7 @@ class SelectiveSampleBuffer(RolloutHooks):
             self._load_local(state_dict)
             return
         parts = state_dict["per_rank"]
-        _, rank = _dist_world()
+        _, rank = world_and_rank()
         if rank < len(parts):
             self._load_local(parts[rank])
             return
@@ -359,15 +360,6 @@ class SelectiveSampleBuffer(RolloutHooks):
         base = min(0, int(like.group_ids.min())) - 1
         rows = replace(rows, group_ids=base - inverse, from_buffer=torch.ones(n, dtype=torch.bool))
         return _map_tensors(_align(rows, like), lambda t: t.to(device))
-
-
-def _dist_world() -> tuple[int, int]:
-    """(world size, rank) of the default process group, (1, 0) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _map_tensors(r: Rollouts, fn) -> Rollouts:

@@ -123,15 +123,34 @@ def count_claims(
     return out
 
 
+def scene_counts(annotations: dict | None) -> dict[str, int] | None:
+    """``annotations["counts"]`` with lower-cased colours; None without annotations or counts."""
+    counts = annotations.get("counts") if isinstance(annotations, dict) else None
+    return {str(k).lower(): int(v) for k, v in counts.items()} if counts else None
+
+
+def checked_claims(
+    completion: str, truth: dict[str, int], colour_words: Iterable[str] = COLOUR_WORDS
+) -> list[tuple[str, int, bool]]:
+    """The reasoning's claims as (colour, count, is_false) against the scene's counts ``truth``.
+
+    False when the colour is in the palette (the keys of ``truth``) with another count, or when
+    it is not (any of ``colour_words``) and the stated count is above 0.
+
+    >>> checked_claims("<think> red 2 green one purple 0 </think>", {"red": 2, "green": 0})
+    [('red', 2, False), ('green', 1, True), ('purple', 0, False)]
+    """
+    return [(colour, value, value != truth[colour] if colour in truth else value > 0)
+            for colour, value in count_claims(completion, truth, colour_words)]
+
+
 def contradicted_claims(
     completion: str, annotations: dict | None, colour_words: Iterable[str] = COLOUR_WORDS
 ) -> tuple[int, int]:
     """(false_claims, total_claims) in the reasoning, checked against ``annotations["counts"]``.
 
-    Claims as ``count_claims`` reads them. The claim is false when the colour is in the scene's
-    palette (the keys of ``counts``) with another count, or when the colour is not in the palette
-    (any of ``colour_words``) and the stated count is above 0. (0, 0) without annotations,
-    counts or reasoning.
+    Claims as ``checked_claims`` reads and judges them. (0, 0) without annotations, counts or
+    reasoning.
 
     Example:
         counts {"red": 2, "green": 0, "blue": 3}, reasoning "red 2 green one blue 3 purple 2":
@@ -140,13 +159,11 @@ def contradicted_claims(
         >>> contradicted_claims("<think> red 2 green one purple 0 </think>", {"counts": {"red": 2, "green": 0}})
         (1, 3)
     """
-    counts = annotations.get("counts") if isinstance(annotations, dict) else None
-    if not counts:
+    truth = scene_counts(annotations)
+    if truth is None:
         return 0, 0
-    truth = {str(k).lower(): int(v) for k, v in counts.items()}
-    claims = count_claims(completion, truth, colour_words)
-    false = sum(value != truth[colour] if colour in truth else value > 0 for colour, value in claims)
-    return int(false), len(claims)
+    claims = checked_claims(completion, truth, colour_words)
+    return sum(false for _, _, false in claims), len(claims)
 
 
 def denies_seeing(completion: str, phrases: Iterable[str] = DEFAULT_DENIAL_PHRASES) -> bool:

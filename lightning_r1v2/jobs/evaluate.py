@@ -17,7 +17,7 @@ from ..callbacks.hallucination import rates as hallucination_rates
 from ..data.collate import PromptCollator
 from ..data.records import read_records
 from ..modules.common import clean_completion
-from ..rewards import accuracy_reward, format_reward
+from ..rewards.rules import held_out_scores
 
 
 def majority_baseline(eval_records: list[dict], reference_records: list[dict]) -> float:
@@ -42,19 +42,16 @@ def evaluate_module(module, records: list[dict], batch_size: int = 100, max_new_
         batch = collate(records[i : i + batch_size])
         out = module.generate(batch, max_new_tokens)
         texts += [clean_completion(t, module.tokenizer) for t in out]
-    answers, choices = [r["answer"] for r in records], [r.get("choices") for r in records]
-    acc = accuracy_reward(texts, answer=answers, choices=choices)
-    letters_only = accuracy_reward(texts, answer=answers, choices=choices, choice_text=False)
-    fmt = format_reward(texts)
+    scores = held_out_scores(texts, records)
     by_type: dict[str, list[float]] = defaultdict(list)
-    for r, a in zip(records, acc):
-        by_type[r.get("type", "all")].append(float(a or 0.0))
+    for r, a in zip(records, scores["accuracy"]):
+        by_type[r.get("type", "all")].append(a)
     hall = hallucination_rates(texts, records)
     return {
-        "accuracy": sum(float(a or 0.0) for a in acc) / len(records),
+        "accuracy": sum(scores["accuracy"]) / len(records),
         # multiple choice answered by its letter only (the option's text boxed instead counts as wrong)
-        "accuracy_letter_only": sum(float(a or 0.0) for a in letters_only) / len(records),
-        "format": sum(float(f or 0.0) for f in fmt) / len(records),
+        "accuracy_letter_only": sum(scores["accuracy_letter_only"]) / len(records),
+        "format": sum(scores["format"]) / len(records),
         "hallucination": hall["contradiction_rate"],
         "claim_error_rate": hall["claim_error_rate"],
         "denial_rate": hall["denial_rate"],

@@ -18,6 +18,7 @@ from ..models.loading import (
     set_trainable,
 )
 from ..utils.checkpoint import reopen_finished_epoch, rng_state, set_rng_state
+from ..utils.distributed import deepspeed_zero3_config, world_and_rank
 
 log = logging.getLogger("lightning_r1v2.modules")
 
@@ -231,17 +232,14 @@ class PolicyModule(L.LightningModule):
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
 
     def validation_step(self, batch, batch_idx):
-        from ..rewards import accuracy_reward, format_reward
+        from ..rewards.rules import held_out_scores
 
         texts = [clean_completion(t, self.tokenizer) for t in self.generate(batch, self.hparams.eval_max_new_tokens)]
         recs = batch["records"]
-        answers, choices = [r["answer"] for r in recs], [r.get("choices") for r in recs]
-        acc = accuracy_reward(texts, answer=answers, choices=choices)
-        letters = accuracy_reward(texts, answer=answers, choices=choices, choice_text=False)
-        fmt = format_reward(texts)
-        self.val_accuracy.update(torch.tensor([float(a or 0.0) for a in acc]))
-        self.val_accuracy_letter_only.update(torch.tensor([float(a or 0.0) for a in letters]))
-        self.val_format.update(torch.tensor([float(f or 0.0) for f in fmt]))
+        scores = held_out_scores(texts, recs)
+        self.val_accuracy.update(torch.tensor(scores["accuracy"]))
+        self.val_accuracy_letter_only.update(torch.tensor(scores["accuracy_letter_only"]))
+        self.val_format.update(torch.tensor(scores["format"]))
         self.log("val/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=len(recs))
         self.log("val/format", self.val_format, on_epoch=True, prog_bar=True, batch_size=len(recs))
         self.log("val/accuracy_letter_only", self.val_accuracy_letter_only, on_epoch=True, batch_size=len(recs))
@@ -294,10 +292,9 @@ def load_into_zero3(model, weights: dict, source: str = "weights") -> tuple[list
     On parameters that are not partitioned the gather is a no-op and this is a plain copy.
     """
     import deepspeed
-    import torch.distributed as dist
     from torch import nn
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = world_and_rank()[1]
     plan: list[tuple[list, list]] = []  # per module: [(param, tensor)], [(buffer, tensor)]
     seen: set[str] = set()
     missing: list[str] = []
@@ -331,22 +328,6 @@ def load_into_zero3(model, weights: dict, source: str = "weights") -> tuple[list
             for b, value in buffers:
                 b.copy_(value)
     return missing, unexpected
-
-
-def deepspeed_zero3_config(trainer) -> dict | None:
-    """The DeepSpeed config dict of ``trainer``'s strategy when it runs ZeRO stage 3, else None.
-
-    The strategy is recognised by class name (``DeepSpeedStrategy`` anywhere in its MRO), as
-    ``rollout.hf_engine`` does, so the check imports neither deepspeed nor Lightning's strategy.
-    ``trainer`` may be None (a module outside a Trainer, or ``load_from_checkpoint``).
-    """
-    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
-    if strategy is None or not any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__):
-        return None
-    config = getattr(strategy, "config", None)
-    if isinstance(config, dict) and (config.get("zero_optimization") or {}).get("stage") == 3:
-        return config
-    return None
 
 
 def hf_deepspeed_config(config: dict):

@@ -27,6 +27,7 @@ from ..rollout.base import RolloutEngine
 from ..rollout.hf_engine import HFGenerateEngine, blocked_token_ids
 from ..rollout.scoring import completion_logits
 from ..rollout.types import Rollouts
+from ..utils.distributed import deepspeed_config
 from .common import PolicyModule
 
 
@@ -221,11 +222,10 @@ class GRPOModule(PolicyModule):
                         clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high,
                         ref_logprobs=rows.ref_logprobs, kl_coef=hp.kl_coef, aggregation=hp.aggregation,
                     )
-                    self.manual_backward(loss * w if len(chunks) > 1 else loss)
+                    self.manual_backward(loss * w)  # w = 1 for a single micro-batch (0 if it has no tokens)
                     stats["entropy"] = masked_mean(ent, mask)
-                    share = w if len(chunks) > 1 else 1.0
-                    for k, v in stats.items():
-                        step_stats[k] = step_stats.get(k, 0.0) + share * float(v)
+                    for k, v in stats.items():  # stats weighted like the loss; all 0 where w is 0
+                        step_stats[k] = step_stats.get(k, 0.0) + w * float(v)
                 if hp.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
@@ -237,16 +237,14 @@ class GRPOModule(PolicyModule):
         return {k: v / count for k, v in totals.items()}
 
     def _check_accumulation(self):
-        strategy = self.trainer.strategy
-        if type(strategy).__name__ == "DeepSpeedStrategy":
-            cfg = getattr(strategy, "config", None) or {}
-            if cfg.get("managed_gradient_accumulation", True):
-                raise ValueError(
-                    f"micro_batch_size={self.hparams.micro_batch_size} accumulates gradients over several backward "
-                    "passes per optimizer step; under DeepSpeed that needs `managed_gradient_accumulation: false` "
-                    "in the strategy's DeepSpeed config (a key of DeepSpeed 0.19), else each backward is reduced and "
-                    "stepped as its own boundary. Set it, or set micro_batch_size to 0."
-                )
+        cfg = deepspeed_config(self.trainer)
+        if cfg is not None and cfg.get("managed_gradient_accumulation", True):
+            raise ValueError(
+                f"micro_batch_size={self.hparams.micro_batch_size} accumulates gradients over several backward "
+                "passes per optimizer step; under DeepSpeed that needs `managed_gradient_accumulation: false` "
+                "in the strategy's DeepSpeed config (a key of DeepSpeed 0.19), else each backward is reduced and "
+                "stepped as its own boundary. Set it, or set micro_batch_size to 0."
+            )
 
     # ---------------------------------------------------------------- tables
     def _write_table(self, r: Rollouts):

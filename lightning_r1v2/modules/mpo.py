@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from ..losses import RunningMean, mpo_loss, mpo_rewards, shift_for_causal_lm, token_logprobs
+from ..rollout.scoring import generation_position_ids
+from ..utils.distributed import world_and_rank
 from .common import PolicyModule
 
 log = logging.getLogger("lightning_r1v2.modules")
@@ -194,7 +196,7 @@ class MPOModule(PolicyModule):
         return loss
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_and_rank()[0] > 1:
             return self.all_gather(x).flatten()
         return x
 
@@ -220,7 +222,7 @@ def response_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     ``build-pairs`` job uses it to store reference log-probs in the pairs file.
     """
     attention_mask = batch["attention_mask"]  # [N, T]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, T] as generate() numbers them
+    position_ids = generation_position_ids(attention_mask)  # [N, T]
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=attention_mask,

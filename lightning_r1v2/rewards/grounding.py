@@ -24,7 +24,7 @@ Example:
 """
 from __future__ import annotations
 
-from ..callbacks.hallucination import COLOUR_WORDS, count_claims
+from ..callbacks.hallucination import checked_claims, scene_counts
 
 
 def grounding_reward(
@@ -42,15 +42,15 @@ def grounding_reward(
     annotations = annotations or [None] * len(completions)
     out: list[float | None] = []
     for text, ann in zip(completions, annotations):
-        if not isinstance(ann, dict) or not ann.get("counts"):
+        truth = scene_counts(ann)
+        if truth is None:
             out.append(None)
             continue
-        truth = {str(k).lower(): int(v) for k, v in ann["counts"].items()}
-        claims = count_claims(text, truth, COLOUR_WORDS)
+        claims = checked_claims(text, truth)
         if not claims:
             out.append(0.0)
             continue
-        false = sum(value != truth[colour] if colour in truth else value > 0 for colour, value in claims)
-        missing = len(set(truth) - {colour for colour, _ in claims}) if complete else 0
+        false = sum(is_false for _, _, is_false in claims)
+        missing = len(set(truth) - {colour for colour, _, _ in claims}) if complete else 0
         out.append(1.0 - (false + missing) / (len(claims) + missing))
     return out

@@ -258,3 +258,22 @@ def accuracy_reward(
                 continue
         out.append(1.0 if is_correct(pred, gold) else 0.0)
     return out
+
+
+def held_out_scores(completions: list[str], records: list[dict]) -> dict[str, list[float]]:
+    """What validation and ``cli.py evaluate`` report, per completion against its record, each 0 or 1.
+
+    ``accuracy`` (option texts accepted), ``accuracy_letter_only`` (multiple choice by its letter
+    only) and ``format``; a reward that does not apply (None) counts as 0.
+    """
+    answers, choices = [r["answer"] for r in records], [r.get("choices") for r in records]
+
+    def zero_for_none(xs):
+        return [float(x or 0.0) for x in xs]
+
+    return {
+        "accuracy": zero_for_none(accuracy_reward(completions, answer=answers, choices=choices)),
+        "accuracy_letter_only": zero_for_none(
+            accuracy_reward(completions, answer=answers, choices=choices, choice_text=False)),
+        "format": zero_for_none(format_reward(completions)),
+    }

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..utils.distributed import deepspeed_zero3_config
 from .base import RolloutEngine
+from .scoring import generation_position_ids
 from .types import Rollouts
 
 
@@ -137,7 +139,7 @@ def _prefill(model, batch: dict, G: int):
     ``generate`` numbers them (left padding skipped), so the cache equals the one it would build.
     """
     ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]  # [B, P-1]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P-1]
+    position_ids = generation_position_ids(mask)  # [B, P-1]
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                 pixel_values=batch["pixel_values"].to(model.dtype), use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
@@ -185,13 +187,10 @@ class _gathered:
 
     def __init__(self, module, enabled: bool):
         self.ctx = None
-        strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
-        if enabled and strategy is not None and type(strategy).__name__ == "DeepSpeedStrategy":
-            cfg = strategy.config.get("zero_optimization", {}) if getattr(strategy, "config", None) else {}
-            if cfg.get("stage") == 3:
-                import deepspeed
+        if enabled and deepspeed_zero3_config(getattr(module, "_trainer", None)) is not None:
+            import deepspeed
 
-                self.ctx = deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None)
+            self.ctx = deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None)
 
     def __enter__(self):
         if self.ctx is not None:

@@ -34,10 +34,15 @@ def completion_logits(
     return logits.masked_fill(block, float("-inf"))
 
 
+def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as ``generate`` numbers them: left padding skipped, the first real token at 0."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def _one_pass(model, rows: Rollouts, C: int) -> torch.Tensor:
     input_ids = torch.cat([rows.prompt_ids, rows.completion_ids], dim=1)  # [n, P+C]
     attention_mask = torch.cat([rows.prompt_mask, rows.completion_mask], dim=1)  # [n, P+C]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, P+C]
+    position_ids = generation_position_ids(attention_mask)  # [n, P+C]
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -53,7 +58,7 @@ def _shared_prompt(model, rows: Rollouts, first: torch.Tensor, run_of_row: torch
     out = model(
         input_ids=rows.prompt_ids[first],
         attention_mask=pm,
-        position_ids=(pm.cumsum(-1) - 1).clamp(min=0),
+        position_ids=generation_position_ids(pm),
         pixel_values=None if rows.pixel_values is None else rows.pixel_values[first].to(model.dtype),
         use_cache=True,
         logits_to_keep=1,
@@ -62,7 +67,7 @@ def _shared_prompt(model, rows: Rollouts, first: torch.Tensor, run_of_row: torch
     cache.batch_select_indices(run_of_row)  # [u, ...] -> [n, ...]: each row gets its prompt's keys/values
     attention_mask = torch.cat([rows.prompt_mask, rows.completion_mask], dim=1)  # [n, P+C]
     P = rows.prompt_ids.shape[1]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # [n, C]
+    position_ids = generation_position_ids(attention_mask)[:, P:]  # [n, C]
     out2 = model(
         input_ids=rows.completion_ids,
         attention_mask=attention_mask,

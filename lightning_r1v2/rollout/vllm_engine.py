@@ -54,6 +54,7 @@ import os
 import torch
 
 from ..data.collate import load_images, prompt_text
+from ..utils.distributed import deepspeed_zero3_config
 from .base import RolloutEngine
 from .hf_engine import blocked_token_ids, completion_mask_from_eos, decode_completions
 from .types import Rollouts
@@ -384,11 +385,7 @@ def _load_weights_on_worker(worker, weights):
 
 
 def _zero3_enabled(module) -> bool:
-    strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
-    if strategy is None or type(strategy).__name__ != "DeepSpeedStrategy":
-        return False
-    cfg = getattr(strategy, "config", None) or {}
-    return cfg.get("zero_optimization", {}).get("stage") == 3
+    return deepspeed_zero3_config(getattr(module, "_trainer", None)) is not None
 
 
 def _tp_subgroup(world: int, tp: int):
