@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from .collate import IGNORE_INDEX, encode_prompts, response_ids
 from .datamodule import R1V2DataModule, RecordDataset, loader_generator
-from .records import ReadReport, RecordError, read_records
+from .records import ReadReport, read_records
 
 log = logging.getLogger("lightning_r1v2.data")
 
@@ -72,11 +72,7 @@ def read_pairs(path: str | Path, strict: bool = True, check_images: bool = True)
                 problem = ("duplicate_pair_id", f"pair_id {rec['pair_id']!r} repeats {seen[rec['pair_id']]}")
         if problem is not None:
             kind, reason = problem
-            msg = f"{rec['_source']}: {reason}"
-            if strict:
-                raise RecordError(msg)
-            report.skipped[kind] += 1
-            log.warning("skipped pair %s", msg)
+            report.reject(kind, f"{rec['_source']}: {reason}", strict, what="pair")
             continue
         seen[rec["pair_id"]] = rec["_source"]
         pairs.append(rec)

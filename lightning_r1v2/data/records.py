@@ -47,6 +47,13 @@ class ReadReport:
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def reject(self, kind: str, msg: str, strict: bool, what: str = "record") -> None:
+        """Strict: raise ``RecordError(msg)``; lenient: count ``kind`` and log the skip."""
+        if strict:
+            raise RecordError(msg)
+        self.skipped[kind] += 1
+        log.warning("skipped %s %s", what, msg)
+
     def summary(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
         return f"{self.path}: kept {self.kept}, skipped {self.total_skipped} ({reasons})"
@@ -144,11 +151,7 @@ def read_records(path: str | Path, strict: bool = True, check_images: bool = Tru
                 problem = validate_record(rec, root, check_images=check_images)
             if problem is not None:
                 kind, reason = problem
-                msg = f"{path}:{lineno}: {reason}"
-                if strict:
-                    raise RecordError(msg)
-                report.skipped[kind] += 1
-                log.warning("skipped record %s", msg)
+                report.reject(kind, f"{path}:{lineno}: {reason}", strict)
                 continue
             rec["answer"] = str(rec["answer"])
             if rec.get("choices") is not None:

@@ -51,41 +51,38 @@ def _line(ax, series, key, label, smooth=True, **kw):
     return True
 
 
+def _save_step_plot(fig, ax, path: Path, ylabel: str, title: str) -> str:
+    """Axes, limits and legend of a 0..1 metric over GRPO steps; saves ``path`` and closes ``fig``."""
+    ax.set_xlabel("training step (one rollout batch)")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def plot_grpo(metrics_csv: str | Path, out_dir: str | Path) -> list[str]:
     s = read_metrics(metrics_csv)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    _line(ax, s, "reward", "combined reward (train, 5-step mean)")
-    _line(ax, s, "rewards/accuracy/mean", "accuracy reward (train, 5-step mean)")
+    _line(ax, s, "reward", "combined reward (train, mean of 5 logged steps)")
+    _line(ax, s, "rewards/accuracy/mean", "accuracy reward (train, mean of 5 logged steps)")
     _line(ax, s, "val/accuracy", "held-out accuracy (greedy)", smooth=False, marker="o")
-    ax.set_xlabel("training step (one rollout batch)")
-    ax.set_ylabel("reward / accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("GRPO: reward and accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_dir / "grpo_reward.png", dpi=110)
-    plt.close(fig)
-    written.append(str(out_dir / "grpo_reward.png"))
+    written.append(_save_step_plot(fig, ax, out_dir / "grpo_reward.png", "reward / accuracy", "GRPO: reward and accuracy"))
 
     if s.get("effective_share"):
         fig, ax = plt.subplots(figsize=(7, 4))
         _line(ax, s, "effective_share", "without buffer (batch as sampled)")
         _line(ax, s, "ssb/effective_share_after", "with Selective Sample Buffer")
         ax.axhline(0.6, color="grey", ls="--", lw=1, label="60% (R1V2)")
-        ax.set_xlabel("training step (one rollout batch)")
-        ax.set_ylabel("share of samples with |advantage| > 0")
-        ax.set_ylim(0, 1.05)
-        ax.set_title("Effective samples per GRPO batch (5-step mean)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(out_dir / "effective_share.png", dpi=110)
-        plt.close(fig)
-        written.append(str(out_dir / "effective_share.png"))
+        written.append(_save_step_plot(fig, ax, out_dir / "effective_share.png", "share of samples with |advantage| > 0",
+                                       "Effective samples per GRPO batch (mean of 5 logged steps)"))
     return written
 
 
@@ -99,7 +96,7 @@ def plot_mpo(metrics_csv: str | Path, out_dir: str | Path) -> list[str]:
     for k, label in keys:
         _line(ax, s, k, label)
     ax.set_xlabel("training step")
-    ax.set_ylabel("loss (5-step mean)")
+    ax.set_ylabel("loss (mean of 5 logged steps)")
     ax.set_title("MPO loss terms")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
