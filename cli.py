@@ -13,6 +13,7 @@ JOBS = {
     "evaluate": ("lightning_r1v2.jobs.evaluate", "evaluate", "held-out accuracy, format and hallucination rates of a checkpoint"),
     "plot": ("lightning_r1v2.jobs.plot", "plot", "PNG plots of a run's logs (reward, effective share, MPO terms)"),
     "export": ("lightning_r1v2.jobs.export", "export", "write a checkpoint as a Hugging Face folder"),
+    "consolidate": ("lightning_r1v2.jobs.export", "consolidate", "merge a DeepSpeed checkpoint folder into one .ckpt"),
     "build-pairs": ("lightning_r1v2.jobs.build_pairs", "build_pairs", "sample the policy into MPO preference pairs"),
     "prefilter": ("lightning_r1v2.jobs.prefilter", "prefilter", "drop prompts the policy always or never solves"),
 }

@@ -21,7 +21,6 @@ other processes made the tiny model up to 50x slower.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path
@@ -150,8 +149,7 @@ def build_data(cfg: dict, prompts: int | None = None, val_file: str | None = Non
 
 def optimizer_steps_per_batch(m, dm: R1V2DataModule) -> int:
     """Optimizer steps GRPO takes per rollout batch (``trainer.max_steps`` counts these)."""
-    rows = dm.hparams.batch_size * m.hparams.group_size  # rollout rows per batch
-    return m.hparams.updates_per_batch * math.ceil(rows / (m.hparams.mini_batch_size or rows))
+    return m.optimizer_steps_per_batch(dm.hparams.batch_size)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -2,10 +2,9 @@
 CPU accelerator; print what tests/test_deepspeed_cpu.py checks. Run: DS_ACCELERATOR=cpu python
 tests/ds_cpu_fit.py STAGE [MICRO_BATCH_SIZE] [SFT_CKPT or none]
 
-Lightning refuses DeepSpeed without CUDA (DeepSpeedStrategy.setup_environment) and DeepSpeed reads
-the device index from Lightning's root device (None on a CPU); ``CPUDeepSpeedStrategy`` only
-bypasses those two, so everything else (engine set-up, ZeRO partitioning, manual optimization,
-generation with gathered parameters) is the real code path. A test helper, not a product feature.
+``lightning_r1v2.strategies.CPUDeepSpeedStrategy`` bypasses only Lightning's CUDA check and the device
+index, so everything else (engine set-up, ZeRO partitioning, manual optimization, generation with
+gathered parameters) is the real code path.
 """
 import json
 import os
@@ -19,25 +18,9 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 import deepspeed  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
-from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
-from lightning.pytorch.strategies.ddp import DDPStrategy  # noqa: E402
 
+from lightning_r1v2.strategies import CPUDeepSpeedStrategy  # noqa: E402
 from grpo_step import build_data, build_module, load_config, optimizer_steps_per_batch, reward_callbacks  # noqa: E402
-
-
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-    def setup_environment(self):
-        DDPStrategy.setup_environment(self)  # skips only the CUDA check
-
-    @property
-    def root_device(self):
-        return torch.device("cpu", 0)  # DeepSpeed takes device_rank from root_device.index
-
-    def setup_distributed(self):
-        reset_seed()
-        self.set_world_ranks()
-        self._init_deepspeed_distributed()
 
 
 def main(stage: int, micro: int, ckpt: str | None):

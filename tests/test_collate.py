@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lightning_r1v2.data.collate import IGNORE_INDEX, PromptCollator, SFTCollator
@@ -51,3 +52,34 @@ def test_stateful_sampler_resumes_mid_epoch():
     assert first + rest == order
     assert sorted(order[:10]) == list(range(10)) and order[:10] != order[10:]
     assert torch.is_tensor(torch.tensor(order))
+
+
+def test_stateful_sampler_shards_across_ranks_and_resumes_on_another_count():
+    from lightning_r1v2.data.datamodule import StatefulRandomSampler
+
+    order = list(iter(StatefulRandomSampler(11, seed=3)))  # one rank: the whole permutation
+    ranks = [StatefulRandomSampler(11, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [len(s) for s in ranks] == [5, 5]
+    its = [iter(s) for s in ranks]
+    got = [[next(it) for _ in range(2)] for it in its]  # two steps on each rank
+    assert got == [[order[0], order[2]], [order[1], order[3]]]  # rank r takes rest[r::2]
+    state = ranks[0].state_dict()
+    assert state["consumed"] == 4  # the permutation's position, counted for both ranks
+    # resumed on 3 ranks: the remaining 7 indices, 2 each (one dropped so that all ranks step alike)
+    resumed = [StatefulRandomSampler(11, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    parts = []
+    for s in resumed:
+        s.load_state_dict(state)
+        parts.append(list(iter(s)))
+    assert parts == [[order[4], order[7]], [order[5], order[8]], [order[6], order[9]]]
+    with pytest.raises(ValueError, match="rank 2"):
+        StatefulRandomSampler(4, num_replicas=2, rank=2)
+
+
+def test_lightning_does_not_wrap_the_sampler():
+    """Lightning wraps samplers that are not DistributedSamplers; its wrapper breaks a resumed epoch."""
+    from torch.utils.data import DistributedSampler
+
+    from lightning_r1v2.data.datamodule import StatefulRandomSampler
+
+    assert isinstance(StatefulRandomSampler(4), DistributedSampler)

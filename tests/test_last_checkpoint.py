@@ -44,3 +44,32 @@ def test_lightning_leaves_last_behind_and_ours_does_not(tmp_path):
 def test_no_extra_save_when_the_last_step_was_saved(tmp_path):
     final, _ = _fit(tmp_path, LastCheckpoint, max_steps=4)
     assert final["global_step"] == 4
+
+
+class _Manual(_Tiny):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(((self.w - batch[0]) ** 2).sum())
+        opt.step()
+
+
+def _manual_fit_warnings(tmp_path, cls, recwarn):
+    ckpt = cls(dirpath=tmp_path, save_last=True, every_n_train_steps=2, enable_version_counter=False)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, callbacks=[ckpt],
+                        enable_progress_bar=False, enable_model_summary=False)
+    recwarn.clear()
+    trainer.fit(_Manual())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 4
+    return [str(w.message) for w in recwarn if "manual optimization" in str(w.message)]
+
+
+def test_manual_optimization_saves_without_lightnings_warning(tmp_path, recwarn):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    assert _manual_fit_warnings(tmp_path / "lightning", ModelCheckpoint, recwarn)  # warns at each step save
+    assert _manual_fit_warnings(tmp_path / "ours", LastCheckpoint, recwarn) == []

@@ -6,8 +6,13 @@ only when it saves a step checkpoint, and at the end of training only if it neve
 N therefore ends with a ``last.ckpt`` up to N - 1 optimizer steps old, and the next stage (which
 reads ``last.ckpt``) silently starts from stale weights. This subclass also saves ``last.ckpt``
 at the end of training whenever the final step is not in it yet.
+
+It also silences Lightning's warning, at every step save of a manual-optimization module (GRPO),
+that the checkpoint holds the weights after ``optimizer.step()``: those are the weights meant.
 """
 from __future__ import annotations
+
+import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -21,6 +26,11 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args, save_last: bool | str = True, **kwargs):
         super().__init__(*args, save_last=save_last, **kwargs)
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)

@@ -16,9 +16,10 @@ from collections import Counter
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .collate import PromptCollator, SFTCollator, prompt_text
+from ..utils.distributed import world_and_rank
 from .records import read_records
 
 log = logging.getLogger("lightning_r1v2.data")
@@ -35,22 +36,35 @@ class RecordDataset(Dataset):
         return self.records[i]
 
 
-class StatefulRandomSampler(Sampler[int]):
-    """A seeded shuffling sampler that can resume mid-epoch.
+class StatefulRandomSampler(DistributedSampler):
+    """A seeded shuffling sampler that can resume mid-epoch, and shards itself across ranks.
 
-    Epoch ``e`` uses permutation ``randperm(n, seed + e)``; ``state_dict`` holds the epoch and
-    how many indices of it were handed out. Lightning calls ``set_epoch`` at the start of every
-    epoch (its own epoch count, restored on resume), so the permutation follows the trainer's
-    epoch even when an epoch's iterator is left unfinished (``drop_last``, ``max_steps``).
+    Epoch ``e`` uses permutation ``randperm(n, seed + e)``, the same on every rank; ``state_dict``
+    holds the epoch and how many indices of it all ranks together were handed out (``consumed``).
+    With ``num_replicas`` ranks, rank ``r`` takes ``rest[r::num_replicas]`` of the permutation's
+    unconsumed ``rest``, cut to the same length on every rank, so a resumed run continues the
+    permutation where the ranks stopped, even on another number of ranks. Lightning calls
+    ``set_epoch`` at the start of every epoch (its own epoch count, restored on resume), so the
+    permutation follows the trainer's epoch even when an epoch's iterator is left unfinished
+    (``drop_last``, ``max_steps``).
+
+    A ``DistributedSampler`` by type only, so that Lightning does not wrap it in its
+    ``DistributedSamplerWrapper``: that wrapper materialises ``list(sampler)`` once and indexes it by
+    ``range(len(sampler))``, which fails (``IndexError``) when a resumed sampler hands out only the
+    rest of an epoch, and would count positions per rank rather than for the whole permutation.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        # DistributedSampler.__init__ is not called: it needs a dataset and a process group
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, True
         self.epoch, self.consumed = 0, 0
         self._resume_from = 0
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.num_replicas  # this rank's share of a whole epoch
 
     def _order(self) -> list[int]:
         if not self.shuffle:
@@ -59,11 +73,13 @@ class StatefulRandomSampler(Sampler[int]):
         return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self):
-        order = self._order()
-        start, self._resume_from = self._resume_from, 0
+        world, start = self.num_replicas, self._resume_from
+        self._resume_from = 0
+        rest = self._order()[start:]
+        mine = rest[self.rank: len(rest) // world * world: world]
         self.consumed = start
-        for i in order[start:]:
-            self.consumed += 1
+        for i in mine:
+            self.consumed += world  # every rank hands out one index per step of the loop
             yield i
         self.epoch += 1
         self.consumed = 0
@@ -181,11 +197,15 @@ class R1V2DataModule(L.LightningDataModule):
     def _train_sampler(self) -> StatefulRandomSampler:
         """The resumable sampler over the training records (restored from a checkpoint if pending)."""
         if self.sampler is None:
-            self.sampler = StatefulRandomSampler(len(self.train_records), seed=self.hparams.seed)
+            self.sampler = self._new_sampler()
             pending = getattr(self, "_pending_sampler_state", None)
             if pending:
                 self.sampler.load_state_dict(pending)
         return self.sampler
+
+    def _new_sampler(self) -> StatefulRandomSampler:
+        world, rank = world_and_rank()
+        return StatefulRandomSampler(len(self.train_records), seed=self.hparams.seed, num_replicas=world, rank=rank)
 
     def train_dataloader(self):
         hp = self.hparams
@@ -225,14 +245,16 @@ class R1V2DataModule(L.LightningDataModule):
         if sampler is not None and self.trainer is not None:
             # The loader prefetches, so the sampler has handed out more indices than were trained
             # on; the truth is the loop's count of completed batches in this epoch.
+            # Every rank trained ``done`` batches of its own share: the permutation's position is
+            # ``done * batch_size * ranks``.
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            sampler["consumed"] = min(done * self.hparams.batch_size, sampler["n"])
+            sampler["consumed"] = min(done * self.hparams.batch_size * self.sampler.num_replicas, sampler["n"])
             sampler["epoch"] = self.trainer.current_epoch
         return {"sampler": sampler, "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("sampler") and self.train_records:
-            self.sampler = StatefulRandomSampler(len(self.train_records), seed=self.hparams.seed)
+            self.sampler = self._new_sampler()
             self.sampler.load_state_dict(state["sampler"])
         elif state.get("sampler"):
             self._pending_sampler_state = state["sampler"]

@@ -1,17 +1,76 @@
-"""``cli.py export``: a Lightning checkpoint to a Hugging Face folder (model + processor)."""
+"""``cli.py export``: a Lightning checkpoint to a Hugging Face folder (model + processor).
+``cli.py consolidate``: a DeepSpeed checkpoint folder to one ``.ckpt`` file.
+
+Under ``DeepSpeedStrategy`` a checkpoint is a folder named like a file (``last.ckpt/``: ``latest``,
+``checkpoint/zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt``, one shard per rank).
+``export``, ``evaluate`` and ``build-pairs`` take such a folder directly (they consolidate it into a
+temporary file first); ``init_ckpt`` takes a file, which ``consolidate`` writes once.
+"""
 from __future__ import annotations
 
 import importlib
+import logging
+import tempfile
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger("lightning_r1v2.export")
+
+
+def is_deepspeed_checkpoint(path) -> bool:
+    """True for a checkpoint folder written by Lightning's ``DeepSpeedStrategy``."""
+    p = Path(path)
+    return p.is_dir() and ((p / "latest").is_file() or any(p.glob("*/*_model_states.pt")))
+
+
+def consolidate(ckpt_path: str, out: str) -> str:
+    """Write a DeepSpeed checkpoint folder as one Lightning ``.ckpt`` (fp32 weights, Lightning's state).
+
+    The ZeRO shards of every rank are merged on the CPU of this one process (DeepSpeed's
+    ``zero_to_fp32`` through Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``): it needs
+    memory for the whole model in fp32 (about 4 bytes per parameter, 150 GB at 38B). The result
+    loads with ``torch.load``, serves as the next stage's ``init_ckpt`` and as ``export``'s input;
+    it holds no optimizer state, so resume a run from the folder itself (``--ckpt_path``).
+
+    Args:
+        ckpt_path: The folder (e.g. ``runs/grpo-zero3/checkpoints/last.ckpt``).
+        out: The file to write. Not a ``last*.ckpt`` beside the folder: ``--ckpt_path last``
+            picks the newest ``last*`` of that directory and would resume from it.
+    """
+    src, dst = Path(ckpt_path), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint")
+    if not is_deepspeed_checkpoint(src):
+        raise ValueError(f"{ckpt_path}: not a DeepSpeed checkpoint folder (no 'latest' file or "
+                         "*/*_model_states.pt); a .ckpt file needs no consolidation")
+    if dst.resolve().parent == src.resolve().parent and dst.name.startswith("last"):
+        raise ValueError(f"{out}: a last*.ckpt beside {src.name} would be what '--ckpt_path last' resumes from; "
+                         "write the consolidated file elsewhere or under another name")
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    state = convert_zero_checkpoint_to_fp32_state_dict(str(src), str(dst))
+    print(f"consolidate: wrote {len(state['state_dict'])} tensors of {ckpt_path} (step {state.get('global_step')}) "
+          f"to {out}")
+    return out
+
 
 def load_module(ckpt_path: str, map_location: str = "cpu"):
-    """The LightningModule saved in ``ckpt_path`` (its class is recorded in the checkpoint)."""
+    """The LightningModule saved in ``ckpt_path`` (its class is recorded in the checkpoint).
+
+    ``ckpt_path`` is a ``.ckpt`` file or a DeepSpeed checkpoint folder (consolidated on the fly).
+    """
     path = Path(ckpt_path)
     if not path.exists():
         raise FileNotFoundError(f"{ckpt_path}: no such checkpoint")
+    if is_deepspeed_checkpoint(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            log.info("%s is a DeepSpeed checkpoint folder: consolidating it first", ckpt_path)
+            return load_module(consolidate(str(path), str(Path(tmp) / "consolidated.ckpt")), map_location)
+    if path.is_dir():
+        raise ValueError(f"{ckpt_path}: a folder, but not a DeepSpeed checkpoint (a Hugging Face folder is "
+                         "a model, not a checkpoint: nothing to export)")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     target = ckpt.get("r1v2_module_class")
     if not target:
@@ -25,7 +84,7 @@ def export(ckpt_path: str, out: str, dtype: str | None = None) -> str:
     """Write the policy of a checkpoint as a Hugging Face folder that loads with ``from_pretrained``.
 
     Args:
-        ckpt_path: A ``.ckpt`` written by ``cli.py fit``.
+        ckpt_path: A ``.ckpt`` written by ``cli.py fit``, or a DeepSpeed checkpoint folder.
         out: Output folder (created).
         dtype: Cast the weights before saving (e.g. ``bfloat16``); None keeps them.
     """

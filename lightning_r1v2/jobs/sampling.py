@@ -42,11 +42,11 @@ class SampledGroup:
 
 
 def load_policy_module(policy: str, map_location: str = "cpu"):
-    """A ``PolicyModule`` from a Lightning checkpoint (``.ckpt`` file) or ``tiny`` / a HF folder."""
+    """A ``PolicyModule`` from a Lightning checkpoint (``.ckpt`` file or DeepSpeed folder), ``tiny`` or a HF folder."""
     from ..modules.common import PolicyModule
-    from .export import load_module
+    from .export import is_deepspeed_checkpoint, load_module
 
-    if Path(policy).is_file():
+    if Path(policy).is_file() or is_deepspeed_checkpoint(policy):
         module = load_module(policy, map_location=map_location)
     elif policy == "tiny" or Path(policy).is_dir():
         module = PolicyModule(model=policy, defer_init=False)  # no Trainer will call configure_model

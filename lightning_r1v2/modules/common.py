@@ -264,8 +264,9 @@ def load_policy_weights(model, ckpt_path: str) -> None:
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"init_ckpt {ckpt_path!r} does not exist (run the previous stage first)")
     if Path(ckpt_path).is_dir():
-        raise ValueError(f"init_ckpt {ckpt_path!r} is a DeepSpeed checkpoint folder: consolidate it into one file first "
-                         "(convert_zero_checkpoint_to_fp32_state_dict, docs/scale.md 'Resuming')")
+        raise ValueError(f"init_ckpt {ckpt_path!r} is a folder (a DeepSpeed checkpoint?): consolidate it into one file "
+                         f"once, `python cli.py consolidate --ckpt_path {ckpt_path} --out FILE.ckpt`, and pass that "
+                         "file (docs/scale.md 'Resuming')")
     partitioned = is_zero3_partitioned(model)
     # mmap under ZeRO-3: every rank opens the file, only rank 0 reads the values it copies
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=partitioned)["state_dict"]

@@ -15,10 +15,13 @@ Departures from the papers, and why:
 from __future__ import annotations
 
 import csv
+import logging
+import math
 import time
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from ..callbacks.hooks import call_rollout_hook
 from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, micro_batch_weights, token_logprobs
@@ -29,6 +32,8 @@ from ..rollout.scoring import completion_logits
 from ..rollout.types import Rollouts
 from ..utils.distributed import deepspeed_config
 from .common import PolicyModule
+
+log = logging.getLogger("lightning_r1v2.modules")
 
 
 class GRPOModule(PolicyModule):
@@ -121,6 +126,56 @@ class GRPOModule(PolicyModule):
         logp = logp.masked_fill(rows.completion_mask == 0, 0.0)  # padding is a blocked token (-inf)
         ent = entropy_from_logits(logits.detach()) if with_entropy else None  # [n, C]
         return logp, ent
+
+    def optimizer_steps_per_batch(self, prompts: int) -> int:
+        """Optimizer steps ``_update`` takes on a rollout batch of ``prompts`` prompts (per device):
+        passes x mini-batches. ``trainer.max_steps`` and ``trainer.global_step`` count these."""
+        rows = prompts * self.hparams.group_size
+        return self.hparams.updates_per_batch * math.ceil(rows / (self.hparams.mini_batch_size or rows))
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the run, for the LR schedule: ``max_steps`` when set, else Lightning's
+        batch estimate (``max_epochs``) times the optimizer steps of each rollout batch."""
+        trainer = self.trainer
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        prompts = getattr(trainer.datamodule, "hparams", {}).get("batch_size") if trainer.datamodule else None
+        per_batch = self.optimizer_steps_per_batch(prompts) if prompts else 1
+        return int(trainer.estimated_stepping_batches) * per_batch
+
+    # ---------------------------------------------------------- progress bar
+    # Lightning's training bar counts batches but takes its total from ``max_steps - global_step``
+    # (one optimizer step per batch): with 2 updates per batch a run would end at "150/300". The
+    # bar's count is the batch index in the epoch (continued on a mid-epoch resume, where no
+    # ``on_train_epoch_start`` runs), so the total is set in those terms, after the bar set its own.
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._correct_progress_bar_total(done=0)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self._correct_progress_bar_total(done=batch_idx + 1)
+
+    def _correct_progress_bar_total(self, done: int) -> None:
+        """Set the training bar's total to ``done`` + the rollout batches ``max_steps`` leaves, at
+        most the epoch's batches; for Lightning's TQDM and Rich bars (others are left alone)."""
+        trainer = self.trainer
+        bar = trainer.progress_bar_callback
+        prompts = getattr(trainer.train_dataloader, "batch_size", None)  # per device
+        if bar is None or trainer.max_steps is None or trainer.max_steps < 0 or not prompts:
+            return
+        left = math.ceil(max(trainer.max_steps - trainer.global_step, 0) / self.optimizer_steps_per_batch(prompts))
+        total = min(trainer.num_training_batches, done + left)
+        if isinstance(bar, TQDMProgressBar):
+            if bar.train_progress_bar.total != total:
+                bar.train_progress_bar.total = total
+                bar.train_progress_bar.refresh()  # a no-op on a disabled bar
+        elif isinstance(bar, RichProgressBar):
+            if bar.progress is not None and bar.train_progress_bar_id is not None:  # None: disabled, or not shown yet
+                bar.progress.update(bar.train_progress_bar_id, total=total)
+                bar.refresh()
+        else:
+            log.debug("%s counts optimizer steps, not rollout batches: its total is left as it is", type(bar).__name__)
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch, batch_idx):
