@@ -1,6 +1,16 @@
-"""A reward that varies within groups even for the random-init tiny model (whose task rewards are all
-0), so a short multi-rank run has non-zero advantages and fills the sample buffer. Test helper."""
+"""Helpers for the multi-rank runs of tests/test_deepspeed_multirank.py (imported by class path)."""
+from lightning.pytorch.callbacks import Callback
 
 
 def length_reward(completions, **kwargs):
+    """Varies within groups even for the random-init tiny model (whose task rewards are all 0), so a
+    short run has non-zero advantages and fills the sample buffer."""
     return [float(len(c) % 3) for c in completions]
+
+
+class SeenRecords(Callback):
+    """Appends the record ids of every training batch to ``seen_rank<R>.txt`` in the working directory."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(f"seen_rank{trainer.global_rank}.txt", "a") as f:
+            f.write(" ".join(str(r["id"]) for r in batch["records"]) + "\n")

@@ -152,3 +152,29 @@ def test_jobs_do_not_read_a_deepspeed_folder_as_a_model_folder(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="consolidated"):
         sampling.load_policy_module(str(folder))
     assert seen == [str(folder)]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_resume_trains_on_the_records_of_an_unbroken_run(tiny_data, tmp_path):
+    """Two ranks under DDP: a run stopped after 2 rollout batches and resumed for 2 more sees, on
+    each rank, the records an unbroken 4-batch run sees, in the same order (none repeated or lost)."""
+    seen = {"class_path": "multirank_reward.SeenRecords"}
+
+    def fit(cwd, max_steps, port, *extra):
+        cwd.mkdir(exist_ok=True)
+        _run(["fit", "--config", str(ROOT / "configs/tiny/grpo.yaml"), "--model.init_args.init_ckpt", "null",
+              "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", str(max_steps),
+              "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+              f"--trainer.callbacks+={json.dumps(REWARD)}", f"--trainer.callbacks+={json.dumps(seen)}",
+              "--data.init_args.train_file", str(tiny_data / "train.jsonl"), "--data.init_args.val_file", "null",
+              "--data.init_args.batch_size", "4", "--model.init_args.engine.init_args.max_new_tokens", "8", *extra],
+             cwd=cwd, port=port)
+        return [(cwd / f"seen_rank{r}.txt").read_text().split("\n")[:-1] for r in (0, 1)]
+
+    unbroken = fit(tmp_path / "a", 8, 29634)
+    fit(tmp_path / "b", 4, 29635)
+    resumed = fit(tmp_path / "b", 8, 29636, "--ckpt_path", "last")
+    assert [len(r) for r in unbroken] == [4, 4]
+    assert resumed == unbroken
+    ids = [i for rank in unbroken for batch in rank for i in batch.split()]
+    assert len(ids) == len(set(ids)) == 32  # the two ranks share the permutation without overlap

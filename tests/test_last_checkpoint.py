@@ -73,3 +73,19 @@ def test_manual_optimization_saves_without_lightnings_warning(tmp_path, recwarn)
 
     assert _manual_fit_warnings(tmp_path / "lightning", ModelCheckpoint, recwarn)  # warns at each step save
     assert _manual_fit_warnings(tmp_path / "ours", LastCheckpoint, recwarn) == []
+
+
+def test_final_save_resumes_inside_the_stopped_epoch(tmp_path):
+    """max_steps stops mid-epoch (step 5 of 20): last.ckpt must not claim the epoch is over, or a
+    resume skips its other 15 batches. A save in on_train_end would hold current_epoch 1."""
+    final, _ = _fit(tmp_path, LastCheckpoint)
+    assert final["global_step"] == 5 and final["epoch"] == 0
+    loops = final["loops"]["fit_loop"]
+    assert loops["epoch_progress"]["current"]["completed"] == 0
+    assert loops["epoch_loop.batch_progress"]["current"]["processed"] == 5
+    resumed = LastCheckpoint(dirpath=tmp_path / "resumed", save_last=True, every_n_train_steps=100)
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, callbacks=[resumed],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_Tiny(), ckpt_path=str(tmp_path / "last.ckpt"))
+    after = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=False)
+    assert after["epoch"] == 0 and after["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 8
