@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -q
 
-.PHONY: install demo test test-all lint clean-runs
+.PHONY: install demo test test-slow test-all lint clean-runs
 
 install: $(STAMP)
 
@@ -29,7 +29,11 @@ test: install lint
 lint: install
 	$(PY) -m pyflakes lightning_r1v2 cli.py benchmarks tests
 
-# also the end-to-end runs marked slow
+# only the end-to-end runs marked slow (about 3 minutes on 2 cores; CI runs them after `make test`)
+test-slow: install
+	$(PY) -m pytest $(PYTEST_ARGS) -m slow
+
+# both
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS) -m "slow or not slow"
 
