@@ -1,6 +1,6 @@
 """Fit the tiny GRPO config for 2 rollout batches under Lightning's DeepSpeedStrategy on DeepSpeed's
-CPU accelerator; print what tests/test_deepspeed_cpu.py checks. Run: DS_ACCELERATOR=cpu python
-tests/ds_cpu_fit.py STAGE [MICRO_BATCH_SIZE] [SFT_CKPT or none]
+CPU accelerator; print what tests/test_deepspeed_cpu.py checks. Run: DS_ACCELERATOR=cpu
+[TRAIN_FILE=records.jsonl] python tests/ds_cpu_fit.py STAGE [MICRO_BATCH_SIZE] [SFT_CKPT or none]
 
 ``lightning_r1v2.strategies.CPUDeepSpeedStrategy`` bypasses only Lightning's CUDA check and the device
 index, so everything else (engine set-up, ZeRO partitioning, manual optimization, generation with
@@ -28,7 +28,8 @@ def main(stage: int, micro: int, ckpt: str | None):
     L.seed_everything(0, verbose=False)
     cfg = load_config()
     m = build_module(cfg, 8, 24, ckpt, table_every_n_steps=0, max_grad_norm=0.0, micro_batch_size=micro)
-    dm = build_data(cfg, 4, val_file=None)
+    # TRAIN_FILE: the test's own data (a fresh clone has no data/tiny)
+    dm = build_data(cfg, 4, val_file=None, **({"train_file": os.environ["TRAIN_FILE"]} if "TRAIN_FILE" in os.environ else {}))
     before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
     config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 1,
               "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0}

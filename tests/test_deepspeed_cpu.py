@@ -52,9 +52,9 @@ def test_unmanaged_accumulation_sums_micro_batch_gradients(tmp_path):
     assert res["managed"] == pytest.approx([-0.2, -0.25, -0.3, -0.35], abs=1e-5)
 
 
-def _fit(stage: int, micro: int, ckpt: str, port: int) -> dict:
+def _fit(stage: int, micro: int, ckpt: str, port: int, data) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port))
+               MASTER_PORT=str(port), TRAIN_FILE=str(data / "train.jsonl"))
     script = os.path.join(os.path.dirname(__file__), "ds_cpu_fit.py")
     out = subprocess.run([sys.executable, script, str(stage), str(micro), ckpt], env=env, capture_output=True,
                          text=True, timeout=600)
@@ -64,10 +64,10 @@ def _fit(stage: int, micro: int, ckpt: str, port: int) -> dict:
 
 
 @pytest.mark.slow
-def test_grpo_module_runs_unchanged_under_zero2_and_zero3():
+def test_grpo_module_runs_unchanged_under_zero2_and_zero3(tiny_data):
     """Item 2 of the scale issue, on DeepSpeed's CPU accelerator: two rollout batches each."""
-    z2 = _fit(2, 16, "none", 29542)  # ZeRO-2, 32 rows accumulated in micro-batches of 16
-    z3 = _fit(3, 0, "none", 29543)  # ZeRO-3: generate gathers the partitioned parameters
+    z2 = _fit(2, 16, "none", 29542, tiny_data)  # ZeRO-2, 32 rows accumulated in micro-batches of 16
+    z3 = _fit(3, 0, "none", 29543, tiny_data)  # ZeRO-3: generate gathers the partitioned parameters
     assert z3["partitioned"] and not z2["partitioned"]
     for r in (z2, z3):
         assert r["global_step"] == 4  # 2 rollout batches x 2 passes (configs/tiny/grpo.yaml)
