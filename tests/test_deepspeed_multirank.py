@@ -108,6 +108,7 @@ def test_zero3_two_ranks_fit_resume_consolidate_export(tiny_data, tmp_path):
             assert torch.equal(value, weights[f"model.{name}"]), name
     # the consolidated file was temporary, and nothing named last* appeared beside the folder
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
+    assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
 def _fake_deepspeed_folder(path: Path) -> Path:

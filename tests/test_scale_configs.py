@@ -47,13 +47,15 @@ def test_there_are_three_scale_configs():
 def test_scale_config_is_zero3_bf16_on_4x8_gpus(path):
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
+    from lightning_r1v2.strategies import AtomicDeepSpeedStrategy
+
     cfg = _parse(path)
     t = cfg.trainer
     assert t.num_nodes == 4 and t.devices == 8 and t.accelerator == "gpu"
     assert t.precision in ("bf16-true", "bf16-mixed")
     assert t.gradient_clip_val is None  # clipping lives in the DeepSpeed config (manual optimization forbids it)
     strategy = _build(t.strategy)
-    assert isinstance(strategy, DeepSpeedStrategy)
+    assert isinstance(strategy, DeepSpeedStrategy) and isinstance(strategy, AtomicDeepSpeedStrategy)
     assert strategy.zero_stage_3 and strategy.config["zero_optimization"]["stage"] == 3
     assert strategy.config["zero_optimization"]["offload_optimizer"]["device"] == "none"
     assert strategy.config["gradient_clipping"] > 0
