@@ -9,8 +9,13 @@ def length_reward(completions, **kwargs):
 
 
 class SeenRecords(Callback):
-    """Appends the record ids of every training batch to ``seen_rank<R>.txt`` in the working directory."""
+    """Appends, per training batch, the record ids to ``seen_rank<R>.txt`` and the sampled
+    completions to ``completions_rank<R>.txt`` in the working directory."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with open(f"seen_rank{trainer.global_rank}.txt", "a") as f:
             f.write(" ".join(str(r["id"]) for r in batch["records"]) + "\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(f"completions_rank{trainer.global_rank}.txt", "a") as f:
+            f.write(repr(pl_module.last_rollouts.completions) + "\n")

@@ -168,14 +168,20 @@ def test_ddp_two_ranks_resume_trains_on_the_records_of_an_unbroken_run(tiny_data
               "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
               f"--trainer.callbacks+={json.dumps(REWARD)}", f"--trainer.callbacks+={json.dumps(seen)}",
               "--data.init_args.train_file", str(tiny_data / "train.jsonl"), "--data.init_args.val_file", "null",
-              "--data.init_args.batch_size", "4", "--model.init_args.engine.init_args.max_new_tokens", "8", *extra],
+              "--data.init_args.batch_size", "4", "--model.init_args.engine.init_args.max_new_tokens", "8",
+              # a constant LR: the schedule of a run stopped at step 4 is then that of an unbroken 8-step run
+              "--model.init_args.warmup_ratio", "0", "--model.init_args.min_lr_ratio", "1.0", *extra],
              cwd=cwd, port=port)
-        return [(cwd / f"seen_rank{r}.txt").read_text().split("\n")[:-1] for r in (0, 1)]
+        return [[(cwd / f"{kind}_rank{r}.txt").read_text().split("\n")[:-1] for r in (0, 1)]
+                for kind in ("seen", "completions")]
 
-    unbroken = fit(tmp_path / "a", 8, 29634)
+    unbroken, unbroken_completions = fit(tmp_path / "a", 8, 29634)
     fit(tmp_path / "b", 4, 29635)
-    resumed = fit(tmp_path / "b", 8, 29636, "--ckpt_path", "last")
+    resumed, resumed_completions = fit(tmp_path / "b", 8, 29636, "--ckpt_path", "last")
     assert [len(r) for r in unbroken] == [4, 4]
     assert resumed == unbroken
+    # each rank's sampling goes on as if never stopped: its own RNG stream was saved and restored
+    assert resumed_completions == unbroken_completions
+    assert unbroken_completions[0] != unbroken_completions[1]
     ids = [i for rank in unbroken for batch in rank for i in batch.split()]
     assert len(ids) == len(set(ids)) == 32  # the two ranks share the permutation without overlap

@@ -17,7 +17,7 @@ from ..models.loading import (
     param_ndim,
     set_trainable,
 )
-from ..utils.checkpoint import reopen_finished_epoch, rng_state, set_rng_state
+from ..utils.checkpoint import reopen_finished_epoch, save_rng_states, saved_rng_state, set_rng_state
 from ..utils.distributed import deepspeed_zero3_config, world_and_rank
 
 log = logging.getLogger("lightning_r1v2.modules")
@@ -178,11 +178,11 @@ class PolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         cls = type(self)
         checkpoint["r1v2_module_class"] = f"{cls.__module__}.{cls.__qualname__}"
-        checkpoint["r1v2_rng_state"] = rng_state()
+        save_rng_states(checkpoint)  # every rank's (collective: Lightning calls this hook on all ranks)
 
     def on_load_checkpoint(self, checkpoint):
         # restored in on_train_start: after Lightning's seeding, set-up and first ``iter(loader)``
-        self._pending_rng_state = checkpoint.get("r1v2_rng_state")
+        self._pending_rng_state = saved_rng_state(checkpoint)
         if self._pending_rng_state is None:
             log.warning("the checkpoint holds no RNG state: a resumed run samples differently from an uninterrupted one")
         dm = self._trainer.datamodule if self._trainer is not None else None

@@ -118,6 +118,39 @@ def _numpy_state() -> tuple:
     return (str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(cached))
 
 
+def save_rng_states(checkpoint: dict) -> None:
+    """Put this rank's generator states in ``checkpoint``, and every rank's in a multi-rank run.
+
+    Lightning builds the checkpoint dict on every rank but (DDP, ZeRO-2) writes rank 0's: a
+    rank-local entry alone would give every rank rank 0's streams on resume, and ranks whose
+    sampling consumed their streams differently (generation stopping at different lengths) would
+    sample differently from a run never stopped. Collective when the world size is > 1.
+    """
+    from .distributed import world_and_rank
+
+    checkpoint["r1v2_rng_state"] = rng_state()
+    world, _ = world_and_rank()
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, checkpoint["r1v2_rng_state"])
+        checkpoint["r1v2_rng_states"] = parts
+
+
+def saved_rng_state(checkpoint: dict) -> dict | None:
+    """This rank's generator states from a checkpoint written by ``save_rng_states`` (None: none saved)."""
+    from .distributed import world_and_rank
+
+    parts = checkpoint.get("r1v2_rng_states")
+    if parts:
+        _, rank = world_and_rank()
+        if rank < len(parts):
+            return parts[rank]
+        log.warning("the checkpoint holds RNG states of %d ranks, this is rank %d: using rank 0's", len(parts), rank)
+    return checkpoint.get("r1v2_rng_state")
+
+
 def set_rng_state(state: dict) -> None:
     """Restore what ``rng_state()`` captured (the CUDA part only where CUDA is available)."""
     random.setstate(_as_python_state(state["python"]))
