@@ -185,3 +185,21 @@ def test_ddp_two_ranks_resume_trains_on_the_records_of_an_unbroken_run(tiny_data
     assert unbroken_completions[0] != unbroken_completions[1]
     ids = [i for rank in unbroken for batch in rank for i in batch.split()]
     assert len(ids) == len(set(ids)) == 32  # the two ranks share the permutation without overlap
+
+
+@pytest.mark.slow
+def test_vllm_weight_push_gathers_zero3_partitions_on_every_rank(tiny_data, tmp_path):
+    """VLLMEngine.push_weights with the parameters really split between two ranks (each holds none
+    of them whole): every rank hands its stand-in vLLM the full tensors, equal to the gathered
+    parameters, all of them on the first push and the trainable ones after (item 3 of the scale issue)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29637", str(ROOT / "tests/ds_vllm_push.py"), str(tmp_path), str(tiny_data / "train.jsonl")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["partitioned"] and r["local_elements"] == 0 < r["total_elements"]
+        assert r["names_whole"] == r["full_names"] and r["names_partial"] == r["trainable"]
+        assert r["counts"] == [len(r["full_names"]), len(r["trainable"])] and 0 < len(r["trainable"]) < len(r["full_names"])
+        assert r["equal"] and r["resets"] == 2  # the prefix cache is reset after each push
