@@ -67,7 +67,9 @@ def test_zero3_two_ranks_fit_resume_consolidate_export(tiny_data, tmp_path):
     # the data position counts both ranks: 2 batches x 4 prompts x 2 ranks of the epoch's permutation
     assert states[0]["R1V2DataModule"]["sampler"]["consumed"] == 16
 
-    _fit(tmp_path, tiny_data, 8, 29632, "--ckpt_path", "last")  # resume from the folder
+    # resume from the folder; generation now layer by layer (DeepSpeed gathers in each forward,
+    # generate runs with synced_gpus): the other way HFGenerateEngine runs under ZeRO-3
+    _fit(tmp_path, tiny_data, 8, 29632, "--ckpt_path", "last", "--model.init_args.engine.init_args.gather_zero3", "false")
     states = [_client_state(last, r) for r in (0, 1)]
     assert [s["global_step"] for s in states] == [8, 8]
     buffer = states[0]["callbacks"]["SelectiveSampleBuffer"]["per_rank"]

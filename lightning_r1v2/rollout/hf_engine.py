@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..utils.distributed import deepspeed_zero3_config
+from ..utils.distributed import deepspeed_zero3_config, world_and_rank
 from .base import RolloutEngine
 from .scoring import generation_position_ids
 from .types import Rollouts
@@ -54,7 +54,10 @@ class HFGenerateEngine(RolloutEngine):
         top_k: Top-k sampling (0: off).
         record_logprobs: Record the behaviour policy's log-probs while sampling.
         gather_zero3: Under DeepSpeed ZeRO-3, gather the parameters once for the whole
-            generation (much faster than per-layer gathering and cannot hang ranks).
+            generation (much faster than per-layer gathering; needs the whole model's
+            parameters on each GPU for that time). Off: DeepSpeed gathers layer by layer in
+            each forward, and ``generate`` runs with ``synced_gpus=True`` in a multi-rank run
+            (a rank whose samples all ended keeps stepping, so the others' gathers never hang).
         share_prompt_prefill: Prefill each prompt once and repeat its KV cache ``G`` times
             (off: the prompt and image run ``G`` times, as plain ``generate`` does).
     """
@@ -86,10 +89,12 @@ class HFGenerateEngine(RolloutEngine):
         recorder = _LogprobRecorder(self.temperature, blocked) if self.record_logprobs else None
         was_training = model.training
         model.eval()
-        with _gathered(module, self.gather_zero3):
+        with _gathered(module, self.gather_zero3) as gathered:
             extra = {"pixel_values": pixel_values.to(model.dtype)}
             if self.share_prompt_prefill and G > 1 and _can_prefill(batch, blocked):
                 extra = {"past_key_values": _prefill(model, batch, G)}
+            if gathered.layerwise_zero3:
+                extra["synced_gpus"] = True
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -187,7 +192,10 @@ class _gathered:
 
     def __init__(self, module, enabled: bool):
         self.ctx = None
-        if enabled and deepspeed_zero3_config(getattr(module, "_trainer", None)) is not None:
+        zero3 = deepspeed_zero3_config(getattr(module, "_trainer", None)) is not None
+        # partitioned, not gathered, several ranks: each forward is a collective, so generate must sync
+        self.layerwise_zero3 = zero3 and not enabled and world_and_rank()[0] > 1
+        if enabled and zero3:
             import deepspeed
 
             self.ctx = deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None)
