@@ -205,3 +205,42 @@ def test_vllm_weight_push_gathers_zero3_partitions_on_every_rank(tiny_data, tmp_
         assert r["names_whole"] == r["full_names"] and r["names_partial"] == r["trainable"]
         assert r["counts"] == [len(r["full_names"]), len(r["trainable"])] and 0 < len(r["trainable"]) < len(r["full_names"])
         assert r["equal"] and r["resets"] == 2  # the prefix cache is reset after each push
+
+
+@pytest.mark.slow
+def test_sft_then_mpo_two_ranks_zero3_chained_through_consolidate(tiny_data, tmp_path):
+    """The 38B flow between stages on two ranks: SFT under ZeRO-3 writes a sharded folder,
+    ``cli.py consolidate`` makes it a file, MPO (reference model kept, partitioned too) starts from
+    that file, and its own folder consolidates to weights that moved away from SFT's."""
+    strategy = json.dumps({"class_path": "lightning_r1v2.strategies.CPUDeepSpeedStrategy", "init_args": {"config": {
+        "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 1.0}}})
+    common = ["--trainer.devices", "2", "--trainer.strategy", strategy, "--trainer.max_steps", "3",
+              "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--data.init_args.batch_size", "4",
+              "--data.init_args.val_file", "null"]
+    _run(["fit", "--config", str(ROOT / "configs/tiny/sft.yaml"), *common, "--trainer.gradient_clip_val", "null",
+          "--data.init_args.train_file", str(tiny_data / "train.jsonl")], cwd=tmp_path, port=29638)
+    _run(["consolidate", "--ckpt_path", "runs/sft/checkpoints/last.ckpt", "--out", "sft.ckpt"], cwd=tmp_path)
+
+    pairs = tmp_path / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for line in (tiny_data / "train.jsonl").read_text().splitlines()[:16]:
+            rec = json.loads(line)
+            f.write(json.dumps({"id": rec["id"], "question": rec["question"], "answer": rec["answer"],
+                                "image": str(tiny_data / rec["image"]), "pair_id": f"{rec['id']}/0",
+                                "chosen": rec["response"], "rejected": "<think> red 9 </think> \\boxed{9}"}) + "\n")
+    _run(["fit", "--config", str(ROOT / "configs/tiny/mpo.yaml"), *common, "--model.init_args.init_ckpt", "sft.ckpt",
+          "--model.init_args.reference", "model", "--data.init_args.train_file", str(pairs)],
+         cwd=tmp_path, port=29639)
+    last = tmp_path / "runs/mpo/checkpoints/last.ckpt"
+    assert sorted(p.name for p in (last / "checkpoint").glob("*model_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    _run(["consolidate", "--ckpt_path", str(last), "--out", "mpo.ckpt"], cwd=tmp_path)
+    sft = torch.load(tmp_path / "sft.ckpt", map_location="cpu", weights_only=False)
+    mpo = torch.load(tmp_path / "mpo.ckpt", map_location="cpu", weights_only=False)
+    assert sft["global_step"] == 3 and mpo["r1v2_module_class"].endswith("MPOModule")
+    assert mpo["global_step"] == 2  # one epoch (mpo.yaml): 16 pairs split between 2 ranks, 4 per step
+    policy = {k: v for k, v in mpo["state_dict"].items() if k.startswith("model.")}
+    assert set(policy) == set(sft["state_dict"])  # the reference model is not saved with the policy
+    moved = sum(not torch.equal(v, sft["state_dict"][k]) for k, v in policy.items())
+    assert moved >= 0.9 * len(policy) and all(torch.isfinite(v).all() for v in policy.values())
