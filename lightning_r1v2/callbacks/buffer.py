@@ -49,7 +49,7 @@ from torch import Tensor
 
 from lightning_r1v2.callbacks.hooks import RolloutHooks
 from lightning_r1v2.rollout.types import Rollouts
-from lightning_r1v2.utils.distributed import world_and_rank
+from lightning_r1v2.utils.distributed import all_ranks, world_and_rank
 
 log = logging.getLogger("lightning_r1v2.buffer")
 
@@ -257,15 +257,7 @@ class SelectiveSampleBuffer(RolloutHooks):
 
         Collective in a distributed run: every rank must call it (Lightning does, when it saves).
         """
-        local = self._local_state()
-        world, _ = world_and_rank()
-        parts = [local]
-        if world > 1:
-            import torch.distributed as dist
-
-            parts = [None] * world
-            dist.all_gather_object(parts, local)
-        return {"version": 2, "per_rank": parts}
+        return {"version": 2, "per_rank": all_ranks(self._local_state())}
 
     def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
         if "per_rank" not in state_dict:  # version 1: one buffer, saved by rank 0

@@ -126,15 +126,11 @@ def save_rng_states(checkpoint: dict) -> None:
     sampling consumed their streams differently (generation stopping at different lengths) would
     sample differently from a run never stopped. Collective when the world size is > 1.
     """
-    from .distributed import world_and_rank
+    from .distributed import all_ranks
 
     checkpoint["r1v2_rng_state"] = rng_state()
-    world, _ = world_and_rank()
-    if world > 1:
-        import torch.distributed as dist
-
-        parts: list = [None] * world
-        dist.all_gather_object(parts, checkpoint["r1v2_rng_state"])
+    parts = all_ranks(checkpoint["r1v2_rng_state"])
+    if len(parts) > 1:
         checkpoint["r1v2_rng_states"] = parts
 
 

@@ -15,6 +15,19 @@ def world_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
+def all_ranks(obj) -> list:
+    """``obj`` of every rank, in rank order (``all_gather_object``, so collective when the world
+    size is > 1: every rank must call it); ``[obj]`` without a process group."""
+    world, _ = world_and_rank()
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def deepspeed_config(trainer) -> dict | None:
     """The DeepSpeed config dict of ``trainer``'s strategy when it is a ``DeepSpeedStrategy``, else None.
 
