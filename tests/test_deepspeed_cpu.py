@@ -52,15 +52,19 @@ def test_unmanaged_accumulation_sums_micro_batch_gradients(tmp_path):
     assert res["managed"] == pytest.approx([-0.2, -0.25, -0.3, -0.35], abs=1e-5)
 
 
-def _fit(stage: int, micro: int, ckpt: str, port: int, data) -> dict:
+def _ds_cpu_fit(args: list[str], port: int, **env) -> dict:
+    """Run tests/ds_cpu_fit.py with ``args``; its RESULT line as a dict."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), TRAIN_FILE=str(data / "train.jsonl"))
+               MASTER_PORT=str(port), **env)
     script = os.path.join(os.path.dirname(__file__), "ds_cpu_fit.py")
-    out = subprocess.run([sys.executable, script, str(stage), str(micro), ckpt], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _fit(stage: int, micro: int, ckpt: str, port: int, data) -> dict:
+    return _ds_cpu_fit([str(stage), str(micro), ckpt], port, TRAIN_FILE=str(data / "train.jsonl"))
 
 
 @pytest.mark.slow
@@ -80,14 +84,7 @@ def test_grpo_module_runs_unchanged_under_zero2_and_zero3(tiny_data):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_mpo_module_runs_unchanged_under_deepspeed(stage, tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29544 + stage))
-    script = os.path.join(os.path.dirname(__file__), "ds_cpu_fit.py")
-    out = subprocess.run([sys.executable, script, "mpo", str(stage), str(tmp_path)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = _ds_cpu_fit(["mpo", str(stage), str(tmp_path)], 29544 + stage)
     assert r["global_step"] == 2 and r["partitioned"] == (stage == 3)
     assert r["changed"] == r["params"] > 0  # every policy tensor trained (the reference model is separate)
     assert r["loss"] == r["loss"] and abs(r["loss"]) < 1e4  # finite
