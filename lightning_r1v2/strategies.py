@@ -21,9 +21,9 @@ subclass bypasses only those two points, so everything else is the code path of 
 engine's set-up, ZeRO-2/3 partitioning across ranks, the collectives of a partitioned ``generate``,
 manual optimization, sharded checkpoint folders and resuming from them.
 
-For rehearsal and tests, not for speed (``configs/tiny/zero3_cpu.yaml``)::
+For rehearsal and tests, not for speed (``configs/tiny/grpo_zero3_cpu.yaml``)::
 
-    torchrun --nproc_per_node 2 cli.py fit --config configs/tiny/grpo.yaml --config configs/tiny/zero3_cpu.yaml
+    torchrun --nproc_per_node 2 cli.py fit --config configs/tiny/grpo.yaml --config configs/tiny/grpo_zero3_cpu.yaml
 
 Checked against Lightning 2.6.6 and DeepSpeed 0.19.8.
 """
@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
 
-from .utils.checkpoint import _fsync_dir
+from .utils.checkpoint import fsync_dir
 
 log = logging.getLogger("lightning_r1v2.strategies")
 
@@ -82,7 +82,7 @@ def swap_in(staging: Path, target: Path) -> str:
         os.replace(staging, target)
         _remove(old)
         how = "two renames"
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     log.debug("checkpoint %s swapped in (%s)", target, how)
     return how
 

@@ -55,7 +55,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)  # make the rename itself durable
+        fsync_dir(path.parent)  # make the rename itself durable
 
 
 def partial_path(path: Path, pid: int | None = None) -> Path:
@@ -89,7 +89,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
