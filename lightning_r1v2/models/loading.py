@@ -1,8 +1,9 @@
 """Building or loading the policy, and choosing which of its parts train.
 
 ``load_policy("tiny")`` builds the embedded default in code; ``load_policy("/path/to/folder")``
-loads a real checkpoint offline (``AutoModelForImageTextToText`` + ``AutoProcessor`` with
-``local_files_only=True``): an InternVL-family (``-hf`` layout), Qwen2.5-VL or Skywork R1V folder.
+loads a real checkpoint offline (``AutoModelForImageTextToText`` + the family's processor with
+``local_files_only=True``): any family of ``models/families.py`` (InternVL ``-hf`` layout, LLaVA,
+Gemma3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL; a Skywork R1V release folder after ``cli.py convert``).
 """
 from __future__ import annotations
 
@@ -16,34 +17,45 @@ from torch import nn
 log = logging.getLogger("lightning_r1v2.models")
 
 PARTS = ("vision", "connector", "llm")
-# Attribute names of each part across the architectures we load (InternVL, Qwen2.5-VL, LLaVA-like).
-_PART_ATTRS = {
-    "vision": ("vision_tower", "visual", "vision_model"),
-    "connector": ("multi_modal_projector", "mlp1", "connector", "merger"),
-    "llm": ("language_model", "lm_head"),
-}
 
 
 def load_processor(path: str):
-    """The processor saved in ``path``; our image-only InternVL processor where torchvision is missing."""
-    from transformers import AutoProcessor
+    """The processor saved in ``path``, image-only where its video part needs a missing torchvision.
 
+    The family's stock class (``processor_config.json``'s ``processor_class``) is used; when it
+    builds a video processor and torchvision is not installed, the same class without its video
+    part (``families.image_only``). The folder's ``generation_config.json`` stop tokens and its
+    model config travel with the processor (``models.inputs.policy_io`` reads them).
+    """
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    from .families import image_only, needs_image_only
     from .tiny import TinyVLProcessor
 
-    cfg_file = Path(path) / "processor_config.json"
-    model_type = None
-    if (Path(path) / "config.json").exists():
-        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    from .families import family_of_model_type
+
+    folder = Path(path)
+    if (folder / "config.json").exists():  # an unsupported layout fails here, by name, not deep in transformers
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        try:
+            family_of_model_type(model_type)
+        except ValueError as e:
+            raise ValueError(f"{folder / 'config.json'}: {e}") from None
+    cfg_file = folder / "processor_config.json"
     declared = json.loads(cfg_file.read_text()).get("processor_class") if cfg_file.exists() else None
-    if declared == "TinyVLProcessor" or (model_type == "internvl" and not _has_torchvision()):
-        return TinyVLProcessor.from_pretrained(path, local_files_only=True)
-    return AutoProcessor.from_pretrained(path, local_files_only=True)
-
-
-def _has_torchvision() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torchvision") is not None
+    if declared == "TinyVLProcessor":
+        processor = TinyVLProcessor.from_pretrained(path, local_files_only=True)
+    elif declared and hasattr(transformers, declared) and needs_image_only(getattr(transformers, declared)):
+        processor = image_only(getattr(transformers, declared)).from_pretrained(path, local_files_only=True)
+    else:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        processor._r1v2_generation_eos = json.loads(gen.read_text()).get("eos_token_id")
+    if (folder / "config.json").exists():
+        processor._r1v2_model_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return processor
 
 
 def load_policy(name_or_path: str = "tiny", dtype: str | None = None, tiny_config=None, seed: int = 0):
@@ -126,19 +138,26 @@ def param_ndim(p: torch.Tensor) -> int:
     return len(getattr(p, "ds_shape", p.shape))
 
 
-def part_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """The modules making up each part (vision / connector / llm) of a VLM."""
-    found: dict[str, list[nn.Module]] = {p: [] for p in PARTS}
-    holders = [model] + [m for m in (getattr(model, "model", None),) if isinstance(m, nn.Module)]
-    for part, attrs in _PART_ATTRS.items():
-        for holder in holders:
-            for a in attrs:
-                m = getattr(holder, a, None)
-                if isinstance(m, nn.Module) and all(m is not x for x in found[part]):
-                    found[part].append(m)
-    missing = [p for p, ms in found.items() if not ms]
+def part_params(model: nn.Module, family=None) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The named parameters of each part (vision / connector / llm), by the family's name prefixes.
+
+    Every parameter belongs to exactly one part; one that matches none is an error naming it.
+    """
+    from .families import family_of_model_type, part_of
+
+    family = family or family_of_model_type(model.config.model_type)
+    found: dict[str, list] = {p: [] for p in PARTS}
+    orphans = []
+    for name, p in model.named_parameters():
+        part = part_of(name, family)
+        (found[part] if part else orphans).append((name, p))
+    if orphans:
+        raise ValueError(f"{type(model).__name__} ({family.name} family): parameters in no part: "
+                         f"{[n for n, _ in orphans[:5]]} (prefixes: {family.parts})")
+    missing = [p for p, ps in found.items() if not ps]
     if missing:
-        raise ValueError(f"cannot find the {missing} part(s) in {type(model).__name__}; known names: {_PART_ATTRS}")
+        raise ValueError(f"cannot find the {missing} part(s) in {type(model).__name__} ({family.name} family, "
+                         f"prefixes: {family.parts})")
     return found
 
 
@@ -151,18 +170,15 @@ def set_trainable(model: nn.Module, trainable: list[str] | tuple[str, ...]) -> d
     bad = [p for p in trainable if p not in PARTS]
     if bad or not trainable:
         raise ValueError(f"trainable must be a non-empty subset of {list(PARTS)}, got {list(trainable)}")
-    parts = part_modules(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for part in trainable:
-        for m in parts[part]:
-            for p in m.parameters():
-                p.requires_grad_(True)
+    parts = part_params(model)
+    for part, named in parts.items():
+        for _, p in named:
+            p.requires_grad_(part in trainable)
     counts = {"trainable": 0, "frozen": 0}
     for p in model.parameters():
         counts["trainable" if p.requires_grad else "frozen"] += param_numel(p)  # full counts under ZeRO-3 too
-    for part, ms in parts.items():
-        counts[f"params/{part}"] = sum(param_numel(p) for m in ms for p in m.parameters())
+    for part, named in parts.items():
+        counts[f"params/{part}"] = sum(param_numel(p) for _, p in named)
     log.info(
         "trainable parts %s: %s trainable, %s frozen parameters",
         list(trainable), f"{counts['trainable']:,}", f"{counts['frozen']:,}",
