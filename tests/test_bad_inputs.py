@@ -96,7 +96,7 @@ def _rollouts(completions: list[str], group_size: int = 2, records=None):
     return Rollouts(
         prompt_ids=torch.ones(n, 3, dtype=torch.long), prompt_mask=torch.ones(n, 3, dtype=torch.long),
         completion_ids=torch.ones(n, 2, dtype=torch.long), completion_mask=torch.ones(n, 2, dtype=torch.long),
-        pixel_values=None, completions=completions, records=records,
+        media=[{}] * len(completions), completions=completions, records=records,
         group_ids=torch.arange(n) // group_size, group_size=group_size,
     )
 
@@ -166,4 +166,4 @@ def test_a_completion_of_only_special_tokens_scores_zero(processor):
     assert hal["denial_rate"] == 0.0 and hal["empty_reasoning_rate"] == 0.0
     assert math.isnan(hal["contradiction_rate"])  # no claims made: NaN ("no data"), never a made-up 0
     # image placeholders cannot be sampled at all: the engine blocks them
-    assert {ids("<IMG_CONTEXT>"), ids("<img>"), ids("</img>"), pad} <= set(blocked_token_ids(tok))
+    assert {ids("<IMG_CONTEXT>"), ids("<img>"), ids("</img>"), pad} <= set(blocked_token_ids(processor))

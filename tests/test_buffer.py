@@ -27,7 +27,7 @@ def make_rollouts(adv, tag=0, completion_len=4, prompt_len=3, lengths=None, grou
         prompt_mask=torch.ones(n, prompt_len, dtype=torch.long),
         completion_ids=ids.clone(),
         completion_mask=mask,
-        pixel_values=torch.zeros(n, 3, 4, 4),
+        media=[{'pixel_values': torch.zeros(1, 3, 4, 4)} for _ in range(n)],
         completions=[f"c{int(u)}" for u in uid],
         records=[{"id": int(u)} for u in uid],
         group_ids=torch.arange(n) // G if group_ids is None else torch.tensor(group_ids),

@@ -31,7 +31,7 @@ def test_prompts_are_left_padded_with_records(tiny_data, processor):
     assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every prompt ends at the edge
     last = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0, -2:].tolist())
     assert last == ["assistant", "\n"]
-    assert batch["pixel_values"].shape[0] == 4
+    assert [m["pixel_values"].shape[0] for m in batch["media"]] == [1] * 4  # one tile per 32 px image
     ctx = processor.tokenizer.context_image_token_id
     assert ((batch["input_ids"] == ctx).sum(1) == 4).all()
 

@@ -98,7 +98,7 @@ def make_rollouts(completions, annotations=COUNTS):
         prompt_mask=torch.ones(n, 3, dtype=torch.long),
         completion_ids=torch.ones(n, 4, dtype=torch.long),
         completion_mask=torch.ones(n, 4, dtype=torch.long),
-        pixel_values=torch.zeros(n, 3, 4, 4),
+        media=[{'pixel_values': torch.zeros(1, 3, 4, 4)} for _ in range(n)],
         completions=list(completions),
         records=[{"id": i, "annotations": annotations} for i in range(n)],
         group_ids=torch.arange(n) // 4,

@@ -31,7 +31,7 @@ def _separate_logps(module, records, key, processor):
     batch = SFTCollator(processor)([dict(r, response=r[key]) for r in records])
     am = batch["attention_mask"]
     out = module.model(input_ids=batch["input_ids"], attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
-                       pixel_values=batch["pixel_values"])
+                       pixel_values=torch.cat([m["pixel_values"] for m in batch["media"]]))
     logits, labels = shift_for_causal_lm(out.logits, batch["labels"])
     return (token_logprobs(logits, labels) * (labels != -100)).sum(-1)
 

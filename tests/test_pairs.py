@@ -80,8 +80,8 @@ def test_pair_collator_rows_labels_and_images(tiny_data, processor):
     B = 3
     assert batch["input_ids"].shape[0] == 2 * B and batch["labels"].shape == batch["input_ids"].shape
     assert batch["pair_ids"] == [p["pair_id"] for p in pairs]
-    pv = batch["pixel_values"]
-    assert pv.shape[0] == 2 * B and torch.equal(pv[:B], pv[B:])  # the same images for both halves
+    pv = [m["pixel_values"] for m in batch["media"]]
+    assert len(pv) == 2 * B and all(torch.equal(pv[i], pv[B + i]) for i in range(B))  # the same images for both halves
     for row in range(2 * B):
         pair = pairs[row % B]
         text = pair["chosen"] if row < B else pair["rejected"]

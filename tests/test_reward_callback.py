@@ -20,7 +20,7 @@ def make_rollouts(completions, records, group_size=2):
         prompt_mask=torch.ones(n, 2, dtype=torch.long),
         completion_ids=torch.zeros(n, 3, dtype=torch.long),
         completion_mask=torch.ones(n, 3, dtype=torch.long),
-        pixel_values=None,
+        media=[{}] * n,
         completions=list(completions),
         records=list(records),
         group_ids=torch.arange(n) // group_size,

@@ -48,7 +48,7 @@ def test_as_reward_callback(model_dir):
         prompt_mask=torch.ones(n, 1, dtype=torch.long),
         completion_ids=torch.zeros(n, 1, dtype=torch.long),
         completion_mask=torch.ones(n, 1, dtype=torch.long),
-        pixel_values=None,
+        media=[{}] * n,
         completions=COMPLETIONS,
         records=[{"id": i, "question": p, "answer": "2"} for i, p in enumerate(PROMPTS)],
         group_ids=torch.arange(n),

@@ -52,7 +52,7 @@ def test_sft_fit_validate_export(tiny_data, tmp_path):
     records, _ = read_records(tiny_data / "val.jsonl")
     batch = PromptCollator(processor)(records[:4])
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              pixel_values=batch["pixel_values"], max_new_tokens=12, do_sample=False)
+              pixel_values=torch.cat([m["pixel_values"] for m in batch["media"]]), max_new_tokens=12, do_sample=False)
     assert torch.equal(module.model.generate(**kw), model.generate(**kw))
     # and the weights are the trained ones, not a fresh init
     fresh, _ = load_policy("tiny")

@@ -15,7 +15,6 @@ from lightning_r1v2.losses import grpo_loss
 from lightning_r1v2.modules import GRPOModule
 from lightning_r1v2.rewards import RewardCallback, format_reward
 from lightning_r1v2.rollout import HFGenerateEngine, RolloutEngine
-from lightning_r1v2.rollout.hf_engine import blocked_token_ids
 from lightning_r1v2.rollout.scoring import _prompt_runs, completion_logits
 from lightning_r1v2.rollout.types import Rollouts
 
@@ -39,7 +38,7 @@ def _mixed(r: Rollouts) -> Rollouts:
 def test_shared_prompt_logits_equal_the_one_pass_forward(tiny_data):
     m, batch = _setup(tiny_data)
     r = m.engine.generate(m, batch, G)
-    blocked = blocked_token_ids(m.tokenizer)
+    blocked = m.processor
     m.model.eval()
     for rows in (r, _mixed(r)):
         with torch.no_grad():
@@ -77,8 +76,8 @@ def test_prompt_runs_split_on_a_different_image_with_the_same_text(tiny_data):
     # same prompt tokens, other image: must not share
     r.prompt_ids[4:] = r.prompt_ids[0]
     r.prompt_mask[4:] = r.prompt_mask[0]
-    r.pixel_values[4:] = r.pixel_values[0]
-    r.pixel_values[6:] = r.pixel_values[6:] + 0.5
+    other = {"pixel_values": r.media[0]["pixel_values"] + 0.5}
+    r.media[4:] = [r.media[0]] * 2 + [other] * 2
     first, run_of_row = _prompt_runs(r)
     assert first.tolist() == [0, 6] and run_of_row.tolist() == [0] * 6 + [1] * 2
     # every row different: nothing to share
@@ -94,7 +93,7 @@ def test_gradient_checkpointing_falls_back_to_one_pass(tiny_data, monkeypatch):
     m.model.train()
     called = []
     monkeypatch.setattr(scoring, "_shared_prompt", lambda *a: called.append(1))
-    logits = completion_logits(m.model, r, 1.0, blocked_token_ids(m.tokenizer))
+    logits = completion_logits(m.model, r, 1.0, m.processor)
     assert not called and logits.shape[:2] == r.completion_ids.shape
 
 

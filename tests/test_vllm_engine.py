@@ -156,7 +156,8 @@ def test_rollouts_shapes_masks_groups_and_old_logprobs(grpo, fake, batch):
                              [-0.1, -0.2, -0.3, -0.4, -0.5, -0.6]])
     assert torch.allclose(r.old_logprobs[:G], expected)
     assert r.completions[0] == " red" or r.completions[0].strip() == "red"
-    assert r.pixel_values.shape[0] == N and r.records[G] is batch["records"][1]
+    assert len(r.media) == N and r.media[G] is r.media[G + 1] and r.records[G] is batch["records"][1]
+    assert torch.equal(r.media[G]["pixel_values"], batch["media"][1]["pixel_values"])
     # the training forward accepts the rows: image tokens and pixel_values agree
     with torch.no_grad():
         logp, _ = grpo.sequence_logprobs(grpo.model, r)

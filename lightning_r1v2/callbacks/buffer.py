@@ -122,7 +122,7 @@ def draw_from_buffer(
     return torch.multinomial(probs, n, replacement=replacement, generator=generator)
 
 
-_SEQ = ("old_logprobs", "ref_logprobs", "pixel_values")  # must exist on replayed rows if the batch has them
+_SEQ = ("old_logprobs", "ref_logprobs")  # must exist on replayed rows if the batch has them
 
 
 class SelectiveSampleBuffer(RolloutHooks):
@@ -278,13 +278,16 @@ class SelectiveSampleBuffer(RolloutHooks):
     def _local_state(self) -> dict:
         store = None
         if self._store is not None:
-            cpu = _map_tensors(self._store, lambda t: t.detach().cpu())
+            cpu = self._store.map_tensors(lambda t: t.detach().cpu())
             store = {f.name: getattr(cpu, f.name) for f in fields(Rollouts)}
         return {"store": store, "steps": self._steps.clone(), "calls": self._calls,
                 "generator": self.generator.get_state()}
 
     def _load_local(self, state: dict) -> None:
         store = state.get("store")
+        if store is not None and "pixel_values" in store:  # checkpoints before per-record media: one tile per row
+            pv = store.pop("pixel_values")
+            store["media"] = [{} if pv is None else {"pixel_values": pv[i:i + 1]} for i in range(len(store["records"]))]
         self._store = None if store is None else Rollouts(**store)
         self._steps = state["steps"].clone().long()
         self._calls = int(state["calls"])
@@ -323,11 +326,11 @@ class SelectiveSampleBuffer(RolloutHooks):
         if idx.numel() == 0:
             self.clear()
         else:
-            self._store, self._steps = _trim(self._store.select(idx)), self._steps[idx]
+            self._store, self._steps = self._store.select(idx).trim_padding(), self._steps[idx]
 
     def _store_rows(self, new: Rollouts, step: int, pad: int) -> int:
         """Append ``new`` (moved to CPU) to the buffer; evict the oldest beyond capacity."""
-        new = _trim(_map_tensors(new, lambda t: t.detach().cpu()))
+        new = new.map_tensors(lambda t: t.detach().cpu()).trim_padding()
         new = replace(new, from_buffer=None)
         steps = torch.full((len(new),), step, dtype=torch.long)
         if self._store is None:
@@ -351,35 +354,7 @@ class SelectiveSampleBuffer(RolloutHooks):
         _, inverse = torch.unique(pairs, dim=1, return_inverse=True)  # [n]
         base = min(0, int(like.group_ids.min())) - 1
         rows = replace(rows, group_ids=base - inverse, from_buffer=torch.ones(n, dtype=torch.bool))
-        return _map_tensors(_align(rows, like), lambda t: t.to(device))
-
-
-def _map_tensors(r: Rollouts, fn) -> Rollouts:
-    out = {}
-    for f in fields(r):
-        v = getattr(r, f.name)
-        if isinstance(v, Tensor):
-            v = fn(v)
-        elif isinstance(v, dict):
-            v = {k: fn(t) for k, t in v.items()}
-        out[f.name] = v
-    return Rollouts(**out)
-
-
-def _trim(r: Rollouts) -> Rollouts:
-    """Drop padding columns that no row uses (right of completions, left of prompts)."""
-    if len(r) == 0:
-        return r
-    cols = r.completion_mask.bool().any(0).nonzero()
-    c = int(cols.max()) + 1 if cols.numel() else 1
-    pcols = r.prompt_mask.bool().any(0).nonzero()
-    p0 = int(pcols.min()) if pcols.numel() else r.prompt_mask.shape[1] - 1
-    kw = {name: getattr(r, name)[:, :c] for name in ("completion_ids", "completion_mask")}
-    for name in ("old_logprobs", "ref_logprobs"):
-        if getattr(r, name) is not None:
-            kw[name] = getattr(r, name)[:, :c]
-    kw.update(prompt_ids=r.prompt_ids[:, p0:], prompt_mask=r.prompt_mask[:, p0:])
-    return replace(r, **kw)
+        return _align(rows, like).to(device)
 
 
 def _align(rows: Rollouts, like: Rollouts) -> Rollouts:

@@ -48,6 +48,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import Callback
 from torch import Tensor
 
@@ -55,7 +56,7 @@ from ..data.collate import PromptCollator
 from ..rollout.scoring import completion_logits
 from ..data.records import read_records
 from ..losses import entropy_from_logits
-from ..rollout.hf_engine import HFGenerateEngine, blocked_token_ids
+from ..rollout.hf_engine import HFGenerateEngine
 
 __all__ = ["AGGREGATIONS", "critical_entropy", "critical_token_ids", "CriticalTokenEntropy"]
 
@@ -235,7 +236,6 @@ class CriticalTokenEntropy(Callback):
         model, processor = pl_module.model, pl_module.processor
         tok = processor.tokenizer
         critical = self.critical_ids(tok)
-        blocked = blocked_token_ids(tok)
         records = self.probe_records()
         device = next(model.parameters()).device
         collate = PromptCollator(processor)
@@ -247,9 +247,9 @@ class CriticalTokenEntropy(Callback):
                 torch.manual_seed(self.seed)
                 for i in range(0, len(records), self.batch_size):
                     batch = collate(records[i : i + self.batch_size])
-                    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                    batch = move_data_to_device(batch, device)
                     rows = self.engine.generate(pl_module, batch, 1)
-                    ents.append(self._entropies(model, rows, blocked).cpu())  # [n, C]
+                    ents.append(self._entropies(model, rows, processor).cpu())  # [n, C]
                     nexts.append(rows.completion_ids.cpu())  # [n, C]
                     masks.append(rows.completion_mask.cpu())  # [n, C]
         finally:
@@ -269,9 +269,9 @@ class CriticalTokenEntropy(Callback):
             "entropy/high_share": float("nan") if empty else float(high.mean()),
         }
 
-    def _entropies(self, model, rows, blocked: list[int]) -> Tensor:
+    def _entropies(self, model, rows, processor) -> Tensor:
         """``[n, C]`` entropy of the distribution that chose each completion token."""
-        logits = completion_logits(model, rows, self.temperature, blocked).float()  # [n, C, V]
+        logits = completion_logits(model, rows, self.temperature, processor).float()  # [n, C, V]
         return entropy_from_logits(logits)  # [n, C]
 
     def _stats(self, trainer, pl_module) -> dict[str, float]:

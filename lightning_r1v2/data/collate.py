@@ -2,52 +2,118 @@
 
 Prompts are rendered with the processor's chat template (one image entry per image, then the
 question) and expanded by the processor, which replaces each image placeholder with the image's
-tokens. Prompts are never truncated: a prompt over the limit is dropped (and counted) when the
-dataset is built, so no image placeholder is ever cut (TRL PR 5927).
+tokens. Each record is encoded on its own, so a batch carries per-record model inputs for any
+family: ``media[i]`` holds record ``i``'s pixel values (any number of images, any number of tiles
+or patches per image) and image grids; per-token inputs (``token_inputs``: Gemma3's
+``token_type_ids``, Qwen's ``mm_token_type_ids``) are padded with the prompt
+(``models/inputs.py``). Prompts are never truncated: a prompt over the limit is dropped (and
+counted) when the dataset is built, so no image placeholder is ever cut (TRL PR 5927).
 """
 from __future__ import annotations
 
 import torch
 from PIL import Image
 
+from ..models.inputs import policy_io, split_encoding
+
 IGNORE_INDEX = -100
 
 
+def record_images(record: dict) -> list:
+    """The record's image paths (``image``: a path, a list of paths, or absent/None: text only)."""
+    img = record.get("image")
+    if img is None:
+        return []
+    return list(img) if isinstance(img, list) else [img]
+
+
 def prompt_text(processor, record: dict) -> str:
-    """The chat-formatted prompt of a record, ending with the assistant turn's header."""
-    n_images = len(record["image"]) if isinstance(record["image"], list) else 1
+    """The chat-formatted prompt of a record, ending with the assistant turn's header.
+
+    Raises ``ValueError`` naming the record's ``file:line`` when the rendered prompt holds a
+    different number of image placeholders than the record has images (e.g. a literal
+    ``<image>`` typed in the question), instead of a model error deep inside a forward pass.
+    """
+    n_images = len(record_images(record))
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": record["question"]}]
     messages = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    placeholder = policy_io(processor).image_placeholder
+    if placeholder and text.count(placeholder) != n_images:
+        where = record.get("_source", record.get("id", "record"))
+        raise ValueError(f"{where}: the prompt holds {text.count(placeholder)} image placeholder(s) "
+                         f"{placeholder!r} but the record has {n_images} image(s) (is {placeholder!r} typed in "
+                         "the question?)")
+    return text
 
 
 def load_images(record: dict) -> list[Image.Image]:
-    paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
     out = []
-    for p in paths:
+    for p in record_images(record):
         with Image.open(p) as im:
             out.append(im.convert("RGB"))
     return out
 
 
+def encode_record(processor, record: dict) -> tuple[list[int], dict, dict]:
+    """One record's prompt: token ids, per-token inputs (name -> list) and media (name -> tensor)."""
+    images = load_images(record)
+    kw = {"images": images} if images else {}
+    enc = processor(text=[prompt_text(processor, record)], return_tensors="pt", **kw)
+    tokens, media = split_encoding(enc)
+    ids = enc["input_ids"][0][enc["attention_mask"][0].bool()]
+    keep = enc["attention_mask"][0].bool()
+    return ids.tolist(), {k: v[0][keep].tolist() for k, v in tokens.items()}, media
+
+
+def pad_rows(ids: list[list[int]], tokens: list[dict], pad_id: int, side: str) -> dict:
+    """``input_ids``, ``attention_mask`` ``[n, T]`` and ``token_inputs`` (each ``[n, T]``, 0 on padding)."""
+    n, width = len(ids), max(len(s) for s in ids)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)  # [n, T]
+    attention_mask = torch.zeros((n, width), dtype=torch.long)  # [n, T]
+    token_inputs = {k: torch.zeros((n, width), dtype=torch.long) for k in (tokens[0] if tokens else {})}
+    for i, s in enumerate(ids):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        input_ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, cols] = 1
+        for k, t in token_inputs.items():
+            t[i, cols] = torch.tensor(tokens[i][k], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_inputs": token_inputs}
+
+
 def encode_prompts(processor, records: list[dict], padding_side: str = "left") -> dict:
-    """Batch-encode the prompts of ``records``: ``input_ids``, ``attention_mask``, ``pixel_values``."""
-    texts = [prompt_text(processor, r) for r in records]
-    images = [im for r in records for im in load_images(r)]
-    tok = processor.tokenizer
-    old_side = tok.padding_side
-    tok.padding_side = padding_side
-    try:
-        enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = old_side
-    return dict(enc)
+    """Batch-encode the prompts of ``records``: ``input_ids``, ``attention_mask``, ``token_inputs``
+    (padded like the ids) and ``media`` (one dict per record)."""
+    rows = [encode_record(processor, r) for r in records]
+    batch = pad_rows([r[0] for r in rows], [r[1] for r in rows], policy_io(processor).pad_id, padding_side)
+    batch["media"] = [r[2] for r in rows]
+    return batch
 
 
-def response_ids(tokenizer, response: str) -> list[int]:
-    """Token ids of a response followed by the end-of-turn token."""
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id]
+def response_ids(processor, response: str) -> list[int]:
+    """Token ids of a response followed by the chat template's end-of-turn token."""
+    ids = processor.tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids + [policy_io(processor).end_of_turn_id]
+
+
+def prompt_response_batch(processor, records: list[dict], responses: list[str]) -> dict:
+    """Prompt + response + end of turn per row, right padded; ``labels`` hold the response tokens
+    (end of turn included) and -100 on prompt, image and padding tokens; ``media`` per row."""
+    seqs, labels, tokens, media = [], [], [], []
+    for rec, resp in zip(records, responses):
+        p, tok_in, m = encode_record(processor, rec)
+        r = response_ids(processor, resp)
+        seqs.append(p + r)
+        labels.append([IGNORE_INDEX] * len(p) + r)
+        tokens.append({k: v + [0] * len(r) for k, v in tok_in.items()})
+        media.append(m)
+    batch = pad_rows(seqs, tokens, policy_io(processor).pad_id, "right")
+    label_t = torch.full_like(batch["input_ids"], IGNORE_INDEX)  # [n, T]
+    for i, lab in enumerate(labels):
+        label_t[i, : len(lab)] = torch.tensor(lab)
+    batch["labels"] = label_t
+    batch["media"] = media
+    return batch
 
 
 class PromptCollator:
@@ -73,29 +139,9 @@ class SFTCollator:
         self.processor = processor
 
     def __call__(self, records: list[dict]) -> dict:
-        tok = self.processor.tokenizer
-        enc = encode_prompts(self.processor, records, padding_side="left")
-        seqs, labels = [], []
-        for i, rec in enumerate(records):
+        for rec in records:
             if not rec.get("response"):
                 raise ValueError(f"{rec.get('_source', rec.get('id'))}: SFT needs a 'response' field")
-            p = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
-            r = response_ids(tok, rec["response"])
-            seqs.append(p + r)
-            labels.append([IGNORE_INDEX] * len(p) + r)
-        width = max(len(s) for s in seqs)
-        pad = tok.pad_token_id
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)  # [B, T]
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
-        label_t = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
-        for i, (s, l) in enumerate(zip(seqs, labels)):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            attention_mask[i, : len(s)] = 1
-            label_t[i, : len(l)] = torch.tensor(l)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": label_t,
-            "pixel_values": enc["pixel_values"],
-            "records": records,
-        }
+        batch = prompt_response_batch(self.processor, records, [r["response"] for r in records])
+        batch["records"] = records
+        return batch

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .collate import PromptCollator, SFTCollator, prompt_text
+from .collate import PromptCollator, SFTCollator, prompt_text, record_images
 from ..utils.distributed import world_and_rank
 from .records import read_records
 
@@ -99,21 +99,18 @@ class StatefulRandomSampler(DistributedSampler):
 
 
 def prompt_length(processor, record: dict) -> int:
-    """Tokens of the record's expanded prompt (text plus image tokens), without running the model."""
+    """Tokens of the record's expanded prompt (text plus image tokens), without running the model.
+
+    The processor expands the prompt over blank images of the record's image sizes (the image
+    token count depends only on the size: tiles, patches), so the count is exact for every family.
+    """
     text = prompt_text(processor, record)
-    n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
     sizes = []
-    for p in paths:
+    for p in record_images(record):
         with Image.open(p) as im:
-            sizes.append((im.height, im.width))
-    try:
-        mm = processor._get_num_multimodal_tokens(image_sizes=sizes)
-        n_image = sum(mm["num_image_tokens"])
-    except Exception:  # processors without the helper: expand for real
-        enc = processor(images=[Image.new("RGB", (w, h)) for h, w in sizes], text=[text])
-        return len(enc["input_ids"][0])
-    return n_text - len(paths) + n_image  # each placeholder token is replaced by its image tokens
+            sizes.append(im.size)
+    kw = {"images": [Image.new("RGB", wh) for wh in sizes]} if sizes else {}
+    return len(processor(text=[text], **kw)["input_ids"][0])
 
 
 class R1V2DataModule(L.LightningDataModule):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .collate import IGNORE_INDEX, encode_prompts, response_ids
+from .collate import prompt_response_batch
 from .datamodule import R1V2DataModule, RecordDataset, loader_generator
 from .records import ReadReport, read_records
 
@@ -80,25 +80,12 @@ def read_pairs(path: str | Path, strict: bool = True, check_images: bool = True)
     return pairs, report
 
 
-def _right_pad(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:
-    width = max(len(s) for s in seqs)
-    n = len(seqs)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)  # [N, T]
-    attention_mask = torch.zeros((n, width), dtype=torch.long)  # [N, T]
-    label_t = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)  # [N, T]
-    for i, (s, lab) in enumerate(zip(seqs, labels)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attention_mask[i, : len(s)] = 1
-        label_t[i, : len(lab)] = torch.tensor(lab)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_t}
-
-
 class PairCollator:
     """``B`` pairs -> one batch of ``2B`` sequences: rows ``0..B-1`` chosen, ``B..2B-1`` rejected.
 
     Each row is prompt + response + end-of-turn, right padded; ``labels`` hold the response
     tokens (end-of-turn included) and -100 on prompt, image and padding tokens, as
-    ``SFTCollator``. ``pixel_values`` are the ``B`` pairs' images twice, in row order.
+    ``SFTCollator``. ``media`` holds the ``B`` pairs' images twice, in row order.
     ``ref_chosen_logp`` / ``ref_rejected_logp`` (``[B]``) are added when every pair has them.
     """
 
@@ -106,17 +93,8 @@ class PairCollator:
         self.processor = processor
 
     def __call__(self, pairs: list[dict]) -> dict:
-        tok = self.processor.tokenizer
-        enc = encode_prompts(self.processor, pairs, padding_side="left")
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-        seqs, labels = [], []
-        for key in ("chosen", "rejected"):
-            for p, pair in zip(prompts, pairs):
-                r = response_ids(tok, pair[key])
-                seqs.append(p + r)
-                labels.append([IGNORE_INDEX] * len(p) + r)
-        batch = _right_pad(seqs, labels, tok.pad_token_id)  # each [2B, T]
-        batch["pixel_values"] = torch.cat([enc["pixel_values"], enc["pixel_values"]])  # [2B*tiles, 3, H, W]
+        rows = list(pairs) + list(pairs)
+        batch = prompt_response_batch(self.processor, rows, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
         batch["records"] = pairs
         batch["pair_ids"] = [p["pair_id"] for p in pairs]
         if all(p.get(k) is not None for p in pairs for k in REF_FIELDS):

@@ -55,6 +55,8 @@ def select_pairs(completions: list[str], rewards: list[float], threshold: float,
 @torch.no_grad()
 def reference_logps(module, pairs: list[dict], batch_size: int = 64) -> list[tuple[float, float]]:
     """``(log pi(chosen), log pi(rejected))`` of each pair under ``module``'s policy, summed over tokens."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
     from ..data.pairs import PairCollator
     from ..modules.mpo import response_logprobs
 
@@ -63,7 +65,7 @@ def reference_logps(module, pairs: list[dict], batch_size: int = 64) -> list[tup
     out: list[tuple[float, float]] = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        logp, _ = response_logprobs(model, collate(chunk))  # [2B]
+        logp, _ = response_logprobs(model, move_data_to_device(collate(chunk), module.device), module.processor)  # [2B]
         B = len(chunk)
         out.extend((float(logp[j]), float(logp[B + j])) for j in range(B))
     return out

@@ -16,7 +16,6 @@ import torch
 from ..callbacks.hallucination import rates as hallucination_rates
 from ..data.collate import PromptCollator
 from ..data.records import read_records
-from ..modules.common import clean_completion
 from ..rewards.rules import held_out_scores
 
 
@@ -41,7 +40,7 @@ def evaluate_module(module, records: list[dict], batch_size: int = 100, max_new_
     for i in range(0, len(records), batch_size):
         batch = collate(records[i : i + batch_size])
         out = module.generate(batch, max_new_tokens)
-        texts += [clean_completion(t, module.tokenizer) for t in out]
+        texts += out  # cut at the first stop token, padding dropped
     scores = held_out_scores(texts, records)
     by_type: dict[str, list[float]] = defaultdict(list)
     for r, a in zip(records, scores["accuracy"]):

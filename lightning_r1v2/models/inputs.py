@@ -82,6 +82,10 @@ class PolicyIO:
         return sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tok) and i not in self.stop_ids)
 
     # ---------------------------------------------------------------- batches
+    @staticmethod
+    def positions(attention_mask):
+        return generation_position_ids(attention_mask)
+
     def model_inputs(self, input_ids, attention_mask, media: list[dict] | None = None,
                      token_inputs: dict | None = None, dtype=None) -> dict:
         """Keyword arguments of a forward pass over rows ``input_ids`` ``[n, T]``.
@@ -120,7 +124,6 @@ def concat_media(media: list[dict], dtype=None) -> dict:
 def split_encoding(enc: dict) -> tuple[dict, dict]:
     """A one-record processor output -> ``(token_inputs, media)``: per-token tensors ``[1, T]``
     (besides ids and mask) and per-image tensors (everything else)."""
-    T = enc["input_ids"].shape[-1]
     tokens, media = {}, {}
     for k, v in enc.items():
         if k in TEXT_KEYS or not isinstance(v, torch.Tensor):

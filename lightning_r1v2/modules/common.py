@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torchmetrics.aggregation import MeanMetric
 
+from ..models.inputs import policy_io
 from ..models.loading import (
     is_zero3_partitioned,
     load_policy_model,
@@ -216,25 +217,38 @@ class PolicyModule(L.LightningModule):
         return int(self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------ evaluation
+    def model_inputs(self, batch: dict, model=None) -> dict:
+        """Forward kwargs of a collated batch (ids, mask, positions, its rows' media and token inputs)."""
+        model = model or self.model
+        return policy_io(self.processor).model_inputs(batch["input_ids"], batch["attention_mask"], batch["media"],
+                                                      batch.get("token_inputs"), dtype=model.dtype)
+
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int, do_sample: bool = False, **kw) -> list[str]:
-        """Batched generation from a ``PromptCollator`` batch; returns decoded completions."""
+        """Batched generation from a ``PromptCollator`` batch; returns decoded completions (cut at
+        the first stop token, padding dropped)."""
+        from ..rollout.hf_engine import completion_mask_from_eos, decode_completions
+
+        io = policy_io(self.processor)
+        inputs = self.model_inputs(batch)
+        inputs.pop("position_ids", None)  # generate numbers them (as the scoring pass does)
         out = self.model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"].to(self.model.dtype),
+            **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=io.pad_id,
+            eos_token_id=io.stop_ids,
+            suppress_tokens=io.blocked_ids,
             **kw,
         )
-        return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
+        ids = out[:, batch["input_ids"].shape[1]:]  # [B, C]
+        mask, _ = completion_mask_from_eos(ids, io.stop_ids)
+        return decode_completions(self.tokenizer, ids, mask, io)
 
     def validation_step(self, batch, batch_idx):
         from ..rewards.rules import held_out_scores
 
-        texts = [clean_completion(t, self.tokenizer) for t in self.generate(batch, self.hparams.eval_max_new_tokens)]
+        texts = self.generate(batch, self.hparams.eval_max_new_tokens)
         recs = batch["records"]
         scores = held_out_scores(texts, recs)
         self.val_accuracy.update(torch.tensor(scores["accuracy"]))

@@ -27,7 +27,7 @@ from ..callbacks.hooks import call_rollout_hook
 from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, micro_batch_weights, token_logprobs
 from ..rewards.combine import combine_rewards
 from ..rollout.base import RolloutEngine
-from ..rollout.hf_engine import HFGenerateEngine, blocked_token_ids
+from ..rollout.hf_engine import HFGenerateEngine
 from ..rollout.scoring import completion_logits
 from ..rollout.types import Rollouts
 from ..utils.distributed import deepspeed_config
@@ -120,7 +120,7 @@ class GRPOModule(PolicyModule):
 
     def sequence_logprobs(self, model, rows: Rollouts, with_entropy: bool = False):
         """Per-token log-probs ``[n, C]`` of the completions under ``model`` (and entropies)."""
-        logits = completion_logits(model, rows, self.engine.temperature, blocked_token_ids(self.tokenizer),
+        logits = completion_logits(model, rows, self.engine.temperature, self.processor,
                                    share_prompt=self.hparams.share_prompt_forward)
         logp = token_logprobs(logits, rows.completion_ids)  # [n, C]
         logp = logp.masked_fill(rows.completion_mask == 0, 0.0)  # padding is a blocked token (-inf)

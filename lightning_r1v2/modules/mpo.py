@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..losses import RunningMean, mpo_loss, mpo_rewards, shift_for_causal_lm, token_logprobs
-from ..rollout.scoring import generation_position_ids
+from ..models.inputs import policy_io
 from ..utils.distributed import world_and_rank
 from .common import PolicyModule
 
@@ -88,7 +88,7 @@ class MPOModule(PolicyModule):
     # --------------------------------------------------------------- log-probs
     def response_logprobs(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``response_logprobs(model, batch)`` (module level), a method so tests can wrap it."""
-        return response_logprobs(model, batch)
+        return response_logprobs(model, batch, self.processor)
 
     def reference_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs ``[B]`` of the chosen and rejected responses of ``batch``."""
@@ -215,20 +215,15 @@ class MPOModule(PolicyModule):
         self._resumed = True
 
 
-def response_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logprobs(model, batch: dict, processor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row log-prob of the response summed over its tokens ``[N]``, and its token count ``[N]``.
 
     Rows are ``PairCollator`` rows (right padded, ``labels`` -100 outside the response). The
     ``build-pairs`` job uses it to store reference log-probs in the pairs file.
     """
-    attention_mask = batch["attention_mask"]  # [N, T]
-    position_ids = generation_position_ids(attention_mask)  # [N, T]
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        pixel_values=batch["pixel_values"].to(model.dtype),
-    )
+    io = policy_io(processor)
+    out = model(**io.model_inputs(batch["input_ids"], batch["attention_mask"], batch["media"],
+                                  batch.get("token_inputs"), dtype=model.dtype))
     logits, labels = shift_for_causal_lm(out.logits, batch["labels"])  # [N, T-1, V], [N, T-1]
     mask = (labels != -100).float()  # [N, T-1]
     logp = token_logprobs(logits, labels) * mask  # [N, T-1]

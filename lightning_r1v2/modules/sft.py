@@ -16,11 +16,7 @@ class SFTModule(PolicyModule):
     """
 
     def training_step(self, batch, batch_idx):
-        out = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"].to(self.model.dtype),
-        )
+        out = self.model(**self.model_inputs(batch))
         logits, labels = shift_for_causal_lm(out.logits, batch["labels"])  # [B, T-1, V], [B, T-1]
         loss, stats = sft_loss(logits, labels)
         n = len(batch["records"])

@@ -18,7 +18,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..utils.distributed import deepspeed_zero3_config, world_and_rank
 from .base import RolloutEngine
-from .scoring import generation_position_ids
+from ..models.inputs import policy_io
 from .types import Rollouts
 
 
@@ -80,108 +80,114 @@ class HFGenerateEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, module, batch: dict, group_size: int) -> Rollouts:
         """``G`` samples for each prompt of ``batch`` (a ``PromptCollator`` batch)."""
-        model, tok = module.model, module.tokenizer
+        model, processor = module.model, module.processor
+        io = policy_io(processor)
+        tok = processor.tokenizer
         G = group_size
-        input_ids = batch["input_ids"].repeat_interleave(G, dim=0)  # [N, P]
-        attention_mask = batch["attention_mask"].repeat_interleave(G, dim=0)  # [N, P]
-        pixel_values = batch["pixel_values"].repeat_interleave(G, dim=0)  # [N, 3, H, W] (one tile per image)
-        blocked = blocked_token_ids(tok)
+        device = module.device
+        input_ids = batch["input_ids"].to(device).repeat_interleave(G, dim=0)  # [N, P]
+        attention_mask = batch["attention_mask"].to(device).repeat_interleave(G, dim=0)  # [N, P]
+        token_inputs = {k: v.to(device).repeat_interleave(G, dim=0) for k, v in batch.get("token_inputs", {}).items()}
+        media = [{k: t.to(device) for k, t in m.items()} for m in batch["media"]]  # one dict per prompt
+        row_media = [m for m in media for _ in range(G)]  # [N] the G rows of a prompt share its dict
+        blocked = io.blocked_ids
         recorder = _LogprobRecorder(self.temperature, blocked) if self.record_logprobs else None
         was_training = model.training
         model.eval()
         with _gathered(module, self.gather_zero3) as gathered:
-            extra = {"pixel_values": pixel_values.to(model.dtype)}
-            if self.share_prompt_prefill and G > 1 and _can_prefill(batch, blocked):
-                extra = {"past_key_values": _prefill(model, batch, G)}
+            kw = io.model_inputs(input_ids, attention_mask, row_media, token_inputs, dtype=model.dtype)
+            kw.pop("position_ids", None)  # generate numbers positions itself (as the scoring pass does)
+            if self.share_prompt_prefill and G > 1 and io.family.share_prompt and _can_prefill(batch, blocked):
+                kw = {k: v for k, v in kw.items() if k in ("input_ids", "attention_mask")}
+                kw["past_key_values"] = _prefill(model, batch, G, io, media)
             if gathered.layerwise_zero3:
-                extra["synced_gpus"] = True
+                kw["synced_gpus"] = True
             out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+                **kw,
                 max_new_tokens=self.max_new_tokens,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
+                pad_token_id=io.pad_id,
+                eos_token_id=io.stop_ids,
                 logits_processor=LogitsProcessorList([recorder]) if recorder else None,
                 suppress_tokens=blocked,
-                **extra,
                 **self.sampling_kwargs(),
             )
         model.train(was_training)
         P = input_ids.shape[1]
         completion_ids = out[:, P:]  # [N, C]
-        completion_mask, truncated = completion_mask_from_eos(completion_ids, tok.eos_token_id)
+        completion_mask, truncated = completion_mask_from_eos(completion_ids, io.stop_ids)
         old_logprobs = None
         if recorder is not None:
             old_logprobs = recorder.finish(completion_ids[:, -1]).masked_fill(completion_mask == 0, 0.0)  # [N, C]
-        texts = decode_completions(tok, completion_ids, completion_mask)
+        texts = decode_completions(tok, completion_ids, completion_mask, io)
         records = [r for r in batch["records"] for _ in range(G)]
-        group_ids = torch.arange(len(batch["records"])).repeat_interleave(G)  # [N]
+        group_ids = torch.arange(len(batch["records"]), device=device).repeat_interleave(G)  # [N]
         return Rollouts(
             prompt_ids=input_ids,
             prompt_mask=attention_mask,
             completion_ids=completion_ids,
             completion_mask=completion_mask,
-            pixel_values=pixel_values,
+            media=row_media,
             completions=texts,
             records=records,
             group_ids=group_ids,
             group_size=G,
             old_logprobs=old_logprobs,
             truncated=truncated,
+            token_inputs=token_inputs,
         )
 
 
 def _can_prefill(batch: dict, blocked: list[int]) -> bool:
     """The prompts' last column holds no image placeholder (``generate`` then needs no pixels)."""
     last = batch["input_ids"][:, -1]  # [B]
-    return batch["input_ids"].shape[1] > 1 and not torch.isin(last, torch.tensor(blocked, dtype=last.dtype)).any()
+    blocked_t = torch.tensor(blocked, dtype=last.dtype, device=last.device)
+    return batch["input_ids"].shape[1] > 1 and not torch.isin(last, blocked_t).any()
 
 
-def _prefill(model, batch: dict, G: int):
+def _prefill(model, batch: dict, G: int, io, media: list[dict]):
     """KV cache of ``prompt[:, :-1]`` (image included) computed once per prompt, repeated ``G`` times.
 
     ``generate`` then runs only the last prompt token and the samples; positions are numbered as
     ``generate`` numbers them (left padding skipped), so the cache equals the one it would build.
     """
-    ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]  # [B, P-1]
-    position_ids = generation_position_ids(mask)  # [B, P-1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                pixel_values=batch["pixel_values"].to(model.dtype), use_cache=True, logits_to_keep=1)
+    device = media[0]["pixel_values"].device if media and "pixel_values" in media[0] else batch["input_ids"].device
+    ids = batch["input_ids"][:, :-1].to(device)  # [B, P-1]
+    mask = batch["attention_mask"][:, :-1].to(device)  # [B, P-1]
+    kw = io.model_inputs(ids, mask, media, None, dtype=model.dtype)
+    out = model(**kw, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(G)  # [B, ...] -> [B*G, ...], rows of a prompt contiguous
     return cache
 
 
-def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
-    """Completion texts without EOS and padding, but WITH reasoning markers such as ``<think>``.
+def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor, io=None) -> list[str]:
+    """Completion texts without stop tokens and padding, but WITH reasoning markers such as ``<think>``.
 
     ``skip_special_tokens=True`` would also drop ``<think>``/``</think>`` (special tokens in
     many VLM tokenizers), and the format reward would then never see them.
     """
-    drop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    drop = set(io.stop_ids) | {io.pad_id} if io is not None else {tokenizer.eos_token_id, tokenizer.pad_token_id}
     rows = [[t for t, m in zip(ids.tolist(), mask.tolist()) if m and t not in drop]
             for ids, mask in zip(completion_ids, completion_mask)]
     return tokenizer.batch_decode(rows, skip_special_tokens=False)
 
 
-def blocked_token_ids(tokenizer) -> list[int]:
-    """Tokens a completion must never contain: image/video placeholders and padding.
+def blocked_token_ids(processor) -> list[int]:
+    """Tokens a completion must never contain: image/video placeholders, image markers, padding
+    (``PolicyIO.blocked_ids``: from the tokenizer, the processor and the model config).
 
     A sampled image placeholder would make the next forward pass see more image tokens than
     images (the "image features and image tokens do not match" crash of EasyR1 110 / verl 3469).
     """
-    names = ("context_image_token", "start_image_token", "end_image_token", "video_token", "pad_token")
-    ids = {getattr(tokenizer, f"{n}_id", None) for n in names}
-    image_token = getattr(tokenizer, "image_token", None)
-    if image_token:
-        ids.add(tokenizer.convert_tokens_to_ids(image_token))
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.eos_token_id)
+    return policy_io(processor).blocked_ids
 
 
-def completion_mask_from_eos(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of tokens up to and including the first EOS; and which rows have no EOS (truncated)."""
-    is_eos = completion_ids == eos_id  # [N, C]
-    seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # [N, C] an EOS strictly before
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_id) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of tokens up to and including the first stop token (``eos_id``: one id or a list);
+    and which rows have no stop token (truncated)."""
+    stops = torch.as_tensor(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id], device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, stops)  # [N, C]
+    seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # [N, C] a stop strictly before
     mask = (~seen_before).long()
     truncated = ~is_eos.any(dim=1)
     return mask, truncated

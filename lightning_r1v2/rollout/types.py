@@ -6,7 +6,7 @@ Selective Sample Buffer reorders them; after that ``group_ids`` is the truth.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ class Rollouts:
     prompt_mask: torch.Tensor  # [N, P] 1 on real tokens
     completion_ids: torch.Tensor  # [N, C] right-padded
     completion_mask: torch.Tensor  # [N, C] 1 on generated tokens up to and including EOS
-    pixel_values: torch.Tensor | None  # [N, 3, H, W] one image (tile) per row, or None
+    media: list[dict]  # [N] each row's own media (pixel_values of all its images/tiles, image grids); rows of a group share one dict
     completions: list[str]  # [N] decoded completion text (special tokens removed)
     records: list[dict]  # [N] the source record of each row (answer, annotations, choices, tests, id)
     group_ids: torch.Tensor  # [N] long, rows with the same id were sampled for the same prompt
@@ -31,6 +31,7 @@ class Rollouts:
     advantages: torch.Tensor | None = None  # [N] sequence-level advantage
     from_buffer: torch.Tensor | None = None  # [N] bool, row was replayed by the buffer
     dropped: torch.Tensor | None = None  # [N] bool, row excluded from the loss (e.g. reward fault)
+    token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N, P] per prompt token, left-padded
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -84,6 +85,9 @@ class Rollouts:
             if name in ("prompt_ids", "prompt_mask"):
                 value = pad_token_id if name == "prompt_ids" else 0
                 out[name] = torch.cat([left(v, P, value) for v in vals])
+            elif name == "token_inputs":
+                keys = vals[0].keys()
+                out[name] = {k: torch.cat([left(v[k], P, 0) for v in vals]) for k in keys if all(k in v for v in vals)}
             elif name in ("completion_ids", "completion_mask", "old_logprobs", "ref_logprobs"):
                 if any(v is None for v in vals):
                     out[name] = None
@@ -102,3 +106,39 @@ class Rollouts:
             else:
                 out[name] = torch.cat(vals)
         return Rollouts(**out)
+
+    def map_tensors(self, fn) -> Rollouts:
+        """A copy with ``fn`` applied to every tensor (fields, reward columns, token inputs, media);
+        rows that shared one media dict still share one."""
+        out = {}
+        memo: dict[int, dict] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = fn(v)
+            elif isinstance(v, dict):
+                v = {k: fn(t) for k, t in v.items()}
+            elif f.name == "media":
+                v = [memo.setdefault(id(m), {k: fn(t) for k, t in m.items()}) for m in v]
+            out[f.name] = v
+        return Rollouts(**out)
+
+    def to(self, device) -> Rollouts:
+        """Every tensor of the batch on ``device`` (the one place a ``Rollouts`` moves)."""
+        return self.map_tensors(lambda t: t.to(device))
+
+    def trim_padding(self) -> Rollouts:
+        """Drop padding columns that no row uses (right of completions, left of prompts)."""
+        if len(self) == 0:
+            return self
+        cols = self.completion_mask.bool().any(0).nonzero()
+        c = int(cols.max()) + 1 if cols.numel() else 1
+        pcols = self.prompt_mask.bool().any(0).nonzero()
+        p0 = int(pcols.min()) if pcols.numel() else self.prompt_mask.shape[1] - 1
+        kw = {name: getattr(self, name)[:, :c] for name in ("completion_ids", "completion_mask")}
+        for name in ("old_logprobs", "ref_logprobs"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)[:, :c]
+        kw.update(prompt_ids=self.prompt_ids[:, p0:], prompt_mask=self.prompt_mask[:, p0:],
+                  token_inputs={k: v[:, p0:] for k, v in self.token_inputs.items()})
+        return replace(self, **kw)

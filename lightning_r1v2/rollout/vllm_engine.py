@@ -56,7 +56,8 @@ import torch
 from ..data.collate import load_images, prompt_text
 from ..utils.distributed import deepspeed_zero3_config
 from .base import RolloutEngine
-from .hf_engine import blocked_token_ids, completion_mask_from_eos, decode_completions
+from ..models.inputs import policy_io
+from .hf_engine import completion_mask_from_eos, decode_completions
 from .types import Rollouts
 
 log = logging.getLogger("lightning_r1v2.rollout")
@@ -182,10 +183,12 @@ class VLLMEngine(RolloutEngine):
         self.llm = vllm.LLM(**kwargs)
         return self.llm
 
-    def sampling_params(self, group_size: int, tokenizer):
+    def sampling_params(self, group_size: int, processor):
         """The ``vllm.SamplingParams`` of one request: ``n = group_size`` samples of a prompt."""
         vllm = import_vllm()
-        blocked = blocked_token_ids(tokenizer)
+        io = policy_io(processor)
+        tokenizer = processor.tokenizer
+        blocked = io.blocked_ids
         return vllm.SamplingParams(
             n=group_size,
             temperature=self.temperature,
@@ -193,7 +196,7 @@ class VLLMEngine(RolloutEngine):
             top_k=self.top_k if self.top_k > 0 else -1,  # vLLM: -1 (or 0 in recent versions) = off
             max_tokens=self.max_new_tokens,
             logprobs=0,  # the sampled token's log-prob only
-            stop_token_ids=[tokenizer.eos_token_id],
+            stop_token_ids=list(io.stop_ids),
             bad_words=tokenizer.convert_ids_to_tokens(blocked) if blocked else None,
         )
 
@@ -279,7 +282,6 @@ class VLLMEngine(RolloutEngine):
     def generate(self, module, batch: dict, group_size: int) -> Rollouts:
         """``G`` samples for each prompt of ``batch`` (a ``PromptCollator`` batch)."""
         G = group_size
-        tok = module.tokenizer
         if self.llm is None:
             self._build(module)
         self._wake("weights")
@@ -292,10 +294,10 @@ class VLLMEngine(RolloutEngine):
         own = len(records)
         all_records, offset = self._gather_tp(records)
         prompts = [_mm_prompt(module.processor, r) for r in all_records]
-        outs = self.llm.generate(prompts, self.sampling_params(G, tok), use_tqdm=False)
+        outs = self.llm.generate(prompts, self.sampling_params(G, module.processor), use_tqdm=False)
         outs = outs[offset: offset + own]
         self._sleep()
-        return self._rollouts(outs, batch, G, tok)
+        return self._rollouts(outs, batch, G, module.processor).to(module.device)
 
     def _gather_tp(self, records: list[dict]) -> tuple[list[dict], int]:
         """Every record of this tensor-parallel block, and where this rank's start."""
@@ -308,8 +310,10 @@ class VLLMEngine(RolloutEngine):
         me = dist.get_rank(self._tp_group)
         return [r for p in parts for r in p], sum(len(p) for p in parts[:me])
 
-    def _rollouts(self, outs, batch: dict, G: int, tok) -> Rollouts:
-        pad, eos = tok.pad_token_id, tok.eos_token_id
+    def _rollouts(self, outs, batch: dict, G: int, processor) -> Rollouts:
+        io = policy_io(processor)
+        tok = processor.tokenizer
+        pad = io.pad_id
         prompt_rows, comp_rows, lp_rows, truncated = [], [], [], []
         for i, out in enumerate(outs):
             ids = list(out.prompt_token_ids) if getattr(out, "prompt_token_ids", None) is not None else None
@@ -330,31 +334,32 @@ class VLLMEngine(RolloutEngine):
                 comp_rows.append(toks)
                 lp_rows.append(_sampled_logprobs(o, toks))
                 reason = getattr(o, "finish_reason", None)
-                truncated.append(reason == "length" if reason is not None else eos not in toks)
+                truncated.append(reason == "length" if reason is not None else not set(io.stop_ids) & set(toks))
         P = max(len(r) for r in prompt_rows)
         C = max(1, max(len(r) for r in comp_rows))
         prompt_ids = torch.tensor([[pad] * (P - len(r)) + r for r in prompt_rows], dtype=torch.long)  # [N, P]
         prompt_mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in prompt_rows], dtype=torch.long)
         completion_ids = torch.tensor([r + [pad] * (C - len(r)) for r in comp_rows], dtype=torch.long)  # [N, C]
         old_logprobs = torch.tensor([r + [0.0] * (C - len(r)) for r in lp_rows], dtype=torch.float32)  # [N, C]
-        completion_mask, _ = completion_mask_from_eos(completion_ids, eos)
+        completion_mask, _ = completion_mask_from_eos(completion_ids, io.stop_ids)
         lengths = torch.tensor([len(r) for r in comp_rows])  # [N]
         completion_mask = completion_mask * (torch.arange(C)[None, :] < lengths[:, None]).long()  # [N, C]
         old_logprobs = old_logprobs.masked_fill(completion_mask == 0, 0.0)
-        texts = decode_completions(tok, completion_ids, completion_mask)
+        texts = decode_completions(tok, completion_ids, completion_mask, io)
         records = [r for r in batch["records"] for _ in range(G)]
         return Rollouts(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
             completion_ids=completion_ids,
             completion_mask=completion_mask,
-            pixel_values=batch["pixel_values"].repeat_interleave(G, dim=0),  # [N, 3, H, W] as the HF engine
+            media=[m for m in batch["media"] for _ in range(G)],  # each row its record's media, as the HF engine
             completions=texts,
             records=records,
             group_ids=torch.arange(len(batch["records"])).repeat_interleave(G),  # [N]
             group_size=G,
             old_logprobs=old_logprobs,
             truncated=torch.tensor(truncated, dtype=torch.bool),
+            token_inputs={k: v.repeat_interleave(G, dim=0) for k, v in batch.get("token_inputs", {}).items()},
         )
 
 
