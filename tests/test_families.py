@@ -160,7 +160,7 @@ def _main(*args):
 
 def _common(folder, data, run, kind):
     return ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "2",
-            "--trainer.logger", "false", "--trainer.enable_checkpointing", "true", "--trainer.default_root_dir", str(run),
+            "--trainer.default_root_dir", str(run),
             "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false",
             "--model.model", str(folder), "--model.eval_max_new_tokens", "4",
@@ -168,14 +168,22 @@ def _common(folder, data, run, kind):
             "--data.batch_size", "2"]
 
 
+def _config(stage, run, data):
+    """The shipped config of ``stage``, writing under ``run`` and reading ``data``."""
+    import re
+
+    text = re.sub(r"runs/\w+", str(run), (ROOT / f"configs/tiny/{stage}.yaml").read_text())
+    path = Path(str(run) + f"-{stage}.yaml")
+    path.write_text(text.replace("data/tiny/", f"{data}/"))
+    return str(path)
+
+
 def _sft(folder, data, run):
-    return _main("fit", "--config", str(ROOT / "configs/tiny/sft.yaml"), *_common(folder, data, run, "sft"),
-                 "--trainer.callbacks+=lightning_r1v2.callbacks.LastCheckpoint",
-                 f"--trainer.callbacks.dirpath={run}/checkpoints", "--trainer.callbacks.save_last=true")
+    return _main("fit", "--config", _config("sft", run, data), *_common(folder, data, run, "sft"))
 
 
 def _grpo_fit(folder, data, run, init):
-    return _main("fit", "--config", str(ROOT / "configs/tiny/grpo.yaml"), *_common(folder, data, run, "grpo"),
+    return _main("fit", "--config", _config("grpo", run, data), *_common(folder, data, run, "grpo"),
                  "--model.init_ckpt", str(init), "--model.group_size", "3", "--model.engine.init_args.max_new_tokens", "6",
                  "--model.table_every_n_steps", "1", "--trainer.val_check_interval", "null",
                  "--trainer.check_val_every_n_epoch", "1")
@@ -206,7 +214,7 @@ def test_every_job_on_the_family(family, family_dir, fam_data, tmp_path):
     folder = family_dir(family)
     _sft(folder, fam_data, tmp_path / "sft")
     ckpt = tmp_path / "sft" / "checkpoints" / "last.ckpt"
-    val = _main("validate", "--config", str(ROOT / "configs/tiny/sft.yaml"), *_common(folder, fam_data, tmp_path / "v", "sft"),
+    val = _main("validate", "--config", _config("sft", tmp_path / "v", fam_data), *_common(folder, fam_data, tmp_path / "v", "sft"),
                 "--ckpt_path", str(ckpt))
     assert "val/accuracy" in val.trainer.callback_metrics
     pairs = tmp_path / "pairs.jsonl"
@@ -215,10 +223,9 @@ def test_every_job_on_the_family(family, family_dir, fam_data, tmp_path):
           "--rewards", json.dumps([{"class_path": "lightning_r1v2.rewards.RewardCallback",
                                     "init_args": {"fn": "test_families.length_reward", "name": "accuracy"}}]))
     assert pairs.exists() and pairs.read_text().strip()
-    mpo = _main("fit", "--config", str(ROOT / "configs/tiny/mpo.yaml"), *_common(folder, fam_data, tmp_path / "mpo", "mpo"),
-                "--data.train_file", str(pairs), "--model.init_ckpt", str(ckpt),
-                "--trainer.callbacks+=lightning_r1v2.callbacks.LastCheckpoint",
-                f"--trainer.callbacks.dirpath={tmp_path}/mpo/checkpoints")
+    mpo = _main("fit", "--config", _config("mpo", tmp_path / "mpo", fam_data),
+                *_common(folder, fam_data, tmp_path / "mpo", "mpo"), "--data.train_file", str(pairs),
+                "--model.init_ckpt", str(ckpt))
     assert mpo.trainer.global_step >= 1
     out = tmp_path / "pre.jsonl"
     _main("prefilter", "--ckpt_path", str(ckpt), "--data", str(fam_data / "train.jsonl"), "--out", str(out), "--k", "2",
