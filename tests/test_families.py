@@ -2,8 +2,7 @@
 
 Per family: the trainable parts select exactly their parameters; the HF engine's recorded
 log-probs equal a fresh training forward (prompt sharing on and off); SFT and GRPO fit through the
-CLI (``make test``); the remaining jobs (validate, build-pairs, MPO, prefilter, evaluate, export)
-in one slow chain. InternVL images are tiled (several tiles per image), and each rollout row
+CLI; and every other job (validate, build-pairs, MPO, prefilter, evaluate, export) in one chain. InternVL images are tiled (several tiles per image), and each rollout row
 must carry exactly its own record's tiles, also after the Selective Sample Buffer mixed rows.
 """
 import json
@@ -86,9 +85,14 @@ def test_engine_logprobs_equal_a_fresh_training_forward(family, family_dir, fam_
     from lightning_r1v2.data.records import read_records
 
     records, _ = read_records(fam_data / "val.jsonl")
+    paths = [p for r in records[2:4] for p in (r["image"] if isinstance(r["image"], list) else [r["image"]])]
+    two_images = dict(records[2], image=paths, id="two")
+    text_only = {k: v for k, v in records[1].items() if k != "image"}
     for share in (True, False):
         m = _grpo(family_dir(family), share)
-        batch = PromptCollator(m.processor)(records[:2])
+        batch = PromptCollator(m.processor)([records[0], two_images, text_only])
+        n_img = [len(m["image_grid_thw"]) if "image_grid_thw" in m else len(m.get("pixel_values", [])) for m in batch["media"]]
+        assert n_img[2] == 0 and n_img[1] > n_img[0] > 0  # each record its own images (InternVL: tiles)
         torch.manual_seed(0)
         r = m.engine.generate(m, batch, G)
         m.model.eval()
@@ -208,7 +212,6 @@ def test_sft_then_grpo_fit_through_the_cli(family, family_dir, fam_data, tmp_pat
             assert cb.last_stats
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_job_on_the_family(family, family_dir, fam_data, tmp_path):
     folder = family_dir(family)
