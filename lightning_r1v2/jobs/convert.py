@@ -314,7 +314,9 @@ def internvl_tokenizer(src: Path, vocab_size: int):
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True, extra_special_tokens=dict(IMAGE_TOKENS))
+    # trust_remote_code=False: config.json's auto_map names Skywork's code, which a tokenizer never needs
+    tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True, trust_remote_code=False,
+                                        extra_special_tokens=dict(IMAGE_TOKENS))
     ids = {t: tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS.values()}
     outside = {t: i for t, i in ids.items() if i is None or i >= vocab_size}
     if outside:

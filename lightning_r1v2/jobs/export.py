@@ -102,11 +102,8 @@ def export(ckpt_path: str, out: str, dtype: str | None = None) -> str:
         model = model.to(getattr(torch, dtype))
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    source = Path(module.model_name) if getattr(module, "model_name", "tiny") != "tiny" else None
-    if source is not None and not source.is_dir():
-        log.warning("%s: the policy's source folder is gone; its video processor config is not copied", source)
-        source = None
-    save_processor(module.processor, out, source)
+    name = getattr(module, "model_name", "tiny")  # the policy's source folder (the module loaded from it)
+    save_processor(module.processor, out, Path(name) if name != "tiny" else None)
     print(f"export: wrote model and processor of {ckpt_path} to {out}")
     return out
 
@@ -116,6 +113,8 @@ _SUB_PROCESSORS = {
     "image_processor": ("preprocessor_config.json", "image_processor_type"),
     "video_processor": ("video_preprocessor_config.json", "video_processor_type"),
 }
+# Loading arguments transformers writes back into tokenizer_config.json.
+_LOAD_KWARGS = ("local_files_only", "is_local")
 # Image processor settings a derived video processor config shares.
 _SHARED_KEYS = ("size", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
                 "image_std", "do_convert_rgb")
@@ -167,6 +166,9 @@ def save_processor(processor, out, source: Path | None = None) -> None:
         path = out / name
         if path.exists():
             data = json.loads(path.read_text())
-            if "processor_class" in data:
+            # how this process loaded the tokenizer, not a setting of the folder
+            stale = [k for k in _LOAD_KWARGS if k in data]
+            if "processor_class" in data or stale:
+                data = {k: v for k, v in data.items() if k not in _LOAD_KWARGS}
                 data["processor_class"] = stock.__name__
                 path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
