@@ -263,6 +263,8 @@ def test_bad_folders_get_errors_naming_the_file(tmp_path):
     assert re.search(r"src/config\.json:\d+: model_type is 'internvl_chat', not 'skywork_chat'", msg), msg
     msg = _error(tmp_path / "b", lambda s: _edit_json(s / "config.json", ps_version="v1"))
     assert "config.json: ps_version 'v1'" in msg
+    msg = _error(tmp_path / "g", lambda s: (s / "config.json").write_text('{\n  "model_type": "skywork_chat",\n  oops\n}'))
+    assert re.search(r"src/config\.json:3: not valid JSON", msg), msg
     shard1 = "model-00001-of-00002.safetensors"
     msg = _error(tmp_path / "c", lambda s: _resave(s / shard1, lambda t: t.update({"vision_model.extra.weight": torch.ones(2)})))
     assert shard1 in msg and "vision_model.extra.weight" in msg and "not in the Skywork R1V layout" in msg
@@ -302,7 +304,9 @@ def test_cli_convert_then_sft_fit_and_export(tiny_data, tmp_path):
     assert ckpt.exists()
     out = tmp_path / "exported"
     cli("export", "--ckpt_path", str(ckpt), "--out", str(out))
-    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "InternVLProcessor"
+    exported_proc = json.loads((out / "processor_config.json").read_text())
+    assert exported_proc["processor_class"] == "InternVLProcessor"
+    assert exported_proc["video_processor"] == json.loads((hf / "processor_config.json").read_text())["video_processor"]
     exported = AutoModelForImageTextToText.from_pretrained(str(out))
     start = AutoModelForImageTextToText.from_pretrained(str(hf))
     assert type(exported) is InternVLForConditionalGeneration

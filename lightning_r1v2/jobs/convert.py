@@ -50,7 +50,10 @@ IMAGE_TOKENS = {
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 # llm_config keys that must not travel: remote-code and attention-backend choices of the release.
-_DROP_LLM_KEYS = ("auto_map", "_name_or_path", "attn_implementation", "_attn_implementation", "use_flash_attn")
+_DROP_LLM_KEYS = ("auto_map", "_name_or_path", "attn_implementation", "_attn_implementation", "use_flash_attn",
+                  "torch_dtype", "dtype")
+_VISION_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+                "patch_size")
 
 _VIT = r"^vision_model\.encoder\.layers\.(\d+)\."
 _TOWER = r"vision_tower.encoder.layer.\1."
@@ -131,14 +134,16 @@ def internvl_config(sky: dict, image_token_id: int, where: str = "config.json") 
         raise ValueError(f"{where}: ps_version {ps!r}; transformers' InternVL implements pixel shuffle v2 only")
     if sky.get("select_layer", -1) != -1:
         raise ValueError(f"{where}: select_layer {sky['select_layer']}; only -1 (the last ViT layer) is converted")
+    lacking = [f"vision_config.{k}" for k in _VISION_KEYS if k not in vis] + [
+        f"llm_config.{k}" for k in ("vocab_size", "hidden_size", "num_hidden_layers") if k not in llm]
+    if lacking:
+        raise ValueError(f"{where}: lacks {lacking}")
     image_size, patch_size = vis["image_size"], vis["patch_size"]
     forced = sky.get("force_image_size")
     if forced not in (None, image_size):
         raise ValueError(f"{where}: force_image_size {forced} differs from vision_config.image_size {image_size}")
     ratio = float(sky.get("downsample_ratio", 0.5))
-    text = {k: v for k, v in llm.items() if k not in _DROP_LLM_KEYS}
-    if "torch_dtype" in text:
-        text["dtype"] = text.pop("torch_dtype")
+    text = {k: v for k, v in llm.items() if k not in _DROP_LLM_KEYS}  # the model's dtype is the top-level one
     tie = bool(llm.get("tie_word_embeddings", False))
     return dict(
         vision_config=dict(
@@ -224,7 +229,10 @@ def read_skywork_config(src: Path) -> dict:
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: no such file (not a Skywork R1V release folder)")
-    sky = json.loads(cfg_file.read_text())
+    try:
+        sky = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}:{e.lineno}: not valid JSON ({e.msg})") from None
     if sky.get("model_type") != SKYWORK_MODEL_TYPE:
         raise ValueError(f"{cfg_file}:{_line_of(cfg_file, 'model_type')}: model_type is {sky.get('model_type')!r}, "
                          f"not {SKYWORK_MODEL_TYPE!r} (a Skywork R1V / R1V2 / R1V3 release folder)")
