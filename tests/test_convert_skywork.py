@@ -272,6 +272,9 @@ def test_bad_folders_get_errors_naming_the_file(tmp_path):
     assert "lack 1 tensors" in msg and "model.multi_modal_projector.linear_2.weight" in msg
     msg = _error(tmp_path / "e", lambda s: _resave(s / shard1, lambda t: t.update({"mlp1.1.bias": torch.ones(5)})))
     assert shard1 in msg and "mlp1.1.bias has shape (5,)" in msg and "(48,)" in msg
+    msg = _error(tmp_path / "h", lambda s: (_drop_video_token(s), _edit_json(s / "config.json", llm_config={
+        **json.loads((s / "config.json").read_text())["llm_config"], "vocab_size": 300})))
+    assert "image tokens {'<video>': 300} have no row in the LLM's embedding (llm_config.vocab_size 300)" in msg
     out = tmp_path / "f" / "out"
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("x")
@@ -314,3 +317,25 @@ def test_cli_convert_then_sft_fit_and_export(tiny_data, tmp_path):
     assert any(n.startswith("model.language_model") for n in changed)  # trained weights, not the converted ones
     model, processor = load_policy(str(out))
     assert processor.image_processor.max_patches == 12 and processor.image_processor.crop_to_patches
+
+
+def _drop_video_token(folder: Path):
+    """Remove ``<video>`` from the tokenizer, as InternVL's original tokenizers lack it (id 7 left unused)."""
+    path = folder / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<video>"]
+    del tok["model"]["vocab"]["<video>"]
+    path.write_text(json.dumps(tok))
+
+
+def test_a_missing_image_token_is_added_within_the_embedding(tmp_path):
+    from transformers import AutoTokenizer
+
+    make_skywork_folder(tmp_path / "src")
+    _drop_video_token(tmp_path / "src")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "src")).convert_tokens_to_ids("<video>") == 3  # <unk>
+    convert(str(tmp_path / "src"), str(tmp_path / "hf"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    # 300 tokens are left (ids 0-300 but 7); the new one takes id 300, a row of the 311-row embedding
+    assert tok.video_token == "<video>" and tok.video_token_id == 300
+    assert tok("<video> red<IMG_CONTEXT>").input_ids[0] == 300 and tok.context_image_token_id == 6

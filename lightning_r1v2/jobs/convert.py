@@ -320,16 +320,16 @@ def internvl_tokenizer(src: Path, vocab_size: int):
 
     The ids of the image tokens must be rows of the LLM's embedding (``vocab_size``).
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, Qwen2Config
 
-    # trust_remote_code=False: config.json's auto_map names Skywork's code, which a tokenizer never needs
-    tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True, trust_remote_code=False,
+    # The LLM's tokenizer: config.json (skywork_chat, auto_map to Skywork's code) is not read.
+    tok = AutoTokenizer.from_pretrained(str(src), config=Qwen2Config(), local_files_only=True, trust_remote_code=False,
                                         extra_special_tokens=dict(IMAGE_TOKENS))
     ids = {t: tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS.values()}
     outside = {t: i for t, i in ids.items() if i is None or i >= vocab_size}
     if outside:
-        raise ValueError(f"{src}/tokenizer_config.json: image tokens {outside} have no row in the LLM's "
-                         f"embedding (vocab_size {vocab_size})")
+        raise ValueError(f"{src}: the tokenizer's image tokens {outside} have no row in the LLM's embedding "
+                         f"(llm_config.vocab_size {vocab_size})")
     return tok
 
 
