@@ -232,6 +232,12 @@ def test_converted_folder_declares_stock_classes_and_loads_with_our_loader(conve
     # the release's own turn format, with the image placeholder before the question
     assert processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == (
         "<|im_start|>user\n<IMG_CONTEXT>\nWhat?<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    turns = [{"role": "system", "content": "Be brief."},  # string content passes through as it was
+             {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]
+    assert processor.apply_chat_template(turns, tokenize=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\n<IMG_CONTEXT>\nSame?<|im_end|>\n"
+        "<|im_start|>assistant\nyes<|im_end|>\n")
 
 
 def _error(tmp_path, edit) -> str:
@@ -284,7 +290,8 @@ def test_bad_folders_get_errors_naming_the_file(tmp_path):
 
 @pytest.mark.slow
 def test_cli_convert_then_sft_fit_and_export(tiny_data, tmp_path):
-    """The converted folder trains through ``cli.py fit`` and exports to a stock-loadable folder."""
+    """The converted folder trains through ``cli.py fit`` (SFT, then GRPO from it) and exports to a
+    stock-loadable folder. The task's 32 px images are one tile each."""
     src, hf = tmp_path / "skywork", tmp_path / "hf"
     make_skywork_folder(src)
 
@@ -305,6 +312,15 @@ def test_cli_convert_then_sft_fit_and_export(tiny_data, tmp_path):
     assert "trainable parts ['vision', 'connector', 'llm']" in fit.stdout
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
+    grpo_run = tmp_path / "grpo"
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text((ROOT / "configs/tiny/grpo.yaml").read_text()
+                    .replace("runs/grpo", str(grpo_run)).replace("data/tiny/", f"{tiny_data}/"))
+    fit = cli("fit", "--config", str(grpo), "--model.model", str(hf), "--model.init_ckpt", str(ckpt),
+              "--trainer.max_steps", "2", "--model.group_size", "2", "--data.batch_size", "2",
+              "--model.engine.init_args.max_new_tokens", "8", "--trainer.log_every_n_steps", "1")
+    assert "trainable parts ['connector', 'llm']" in fit.stdout
+    assert (grpo_run / "checkpoints" / "last.ckpt").exists()
     out = tmp_path / "exported"
     cli("export", "--ckpt_path", str(ckpt), "--out", str(out))
     exported_proc = json.loads((out / "processor_config.json").read_text())
