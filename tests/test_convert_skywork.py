@@ -355,3 +355,29 @@ def test_a_missing_image_token_is_added_within_the_embedding(tmp_path):
     # 300 tokens are left (ids 0-300 but 7); the new one takes id 300, a row of the 311-row embedding
     assert tok.video_token == "<video>" and tok.video_token_id == 300
     assert tok("<video> red<IMG_CONTEXT>").input_ids[0] == 300 and tok.context_image_token_id == 6
+
+
+def test_config_and_names_of_an_r1v2_sized_release():
+    """The mapping on R1V2-38B's sizes (InternViT-6B-448px-V2_5 + QwQ-32B), checked by hand."""
+    from lightning_r1v2.jobs.convert import internvl_config, target_names
+
+    sky = {"model_type": "skywork_chat", "downsample_ratio": 0.5, "ps_version": "v2", "select_layer": -1,
+           "force_image_size": 448, "torch_dtype": "bfloat16",
+           "vision_config": {"hidden_size": 3200, "num_hidden_layers": 45, "num_attention_heads": 25,
+                             "intermediate_size": 12800, "image_size": 448, "patch_size": 14, "norm_type": "rms_norm",
+                             "qk_normalization": True, "qkv_bias": False, "use_flash_attn": True},
+           "llm_config": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 5120, "num_hidden_layers": 64,
+                          "attn_implementation": "flash_attention_2", "torch_dtype": "bfloat16"}}
+    cfg = internvl_config(sky)
+    assert cfg["image_seq_length"] == 256  # (448 / 14)^2 = 1024 patches, pixel shuffle 0.5 keeps a quarter
+    assert cfg["vision_config"]["use_qk_norm"] and not cfg["vision_config"]["attention_bias"]
+    assert cfg["vision_config"]["norm_type"] == "rms_norm" and cfg["tie_word_embeddings"] is False
+    assert cfg["dtype"] == "bfloat16" and not {"attn_implementation", "torch_dtype"} & set(cfg["text_config"])
+    assert target_names("vision_model.encoder.layers.44.attn.qkv.weight") == [
+        f"vision_tower.encoder.layer.44.attention.{p}_proj.weight" for p in "qkv"]
+    assert target_names("vision_model.encoder.layers.3.ls2") == ["vision_tower.encoder.layer.3.lambda_2"]
+    assert target_names("mlp1.3.bias") == ["multi_modal_projector.linear_2.bias"]
+    assert target_names("mlp1.2.weight") is None  # the GELU holds no weights
+    assert target_names("language_model.lm_head.weight") == ["language_model.lm_head.weight"]
+    with pytest.raises(ValueError, match="only Qwen2-family"):
+        internvl_config({**sky, "llm_config": {**sky["llm_config"], "model_type": "internlm2"}})

@@ -115,8 +115,9 @@ def runtime_name(file_name: str) -> str:
     return file_name
 
 
-def internvl_config(sky: dict, image_token_id: int, where: str = "config.json") -> dict:
-    """The ``InternVLConfig`` keyword arguments of a Skywork ``config.json`` (``sky``).
+def internvl_config(sky: dict, where: str = "config.json") -> dict:
+    """The ``InternVLConfig`` keyword arguments of a Skywork ``config.json`` (``sky``), but
+    ``image_token_id`` (the tokenizer's ``<IMG_CONTEXT>``).
 
     ``image_seq_length`` is the tokens per tile after pixel shuffle:
     ``(image_size / patch_size)^2 * downsample_ratio^2`` (448 px, 14 px patches, 0.5: 256).
@@ -166,7 +167,6 @@ def internvl_config(sky: dict, image_token_id: int, where: str = "config.json") 
         text_config=text,
         downsample_ratio=ratio,
         projector_hidden_act="gelu",  # mlp1[2] is nn.GELU()
-        image_token_id=image_token_id,
         image_seq_length=int((image_size // patch_size) ** 2 * ratio**2),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",  # drop the CLS token, as Skywork's extract_feature does
@@ -381,11 +381,9 @@ def convert(src: str, out: str) -> str:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; give a new folder")
     sky = read_skywork_config(src_dir)
-    where = str(src_dir / "config.json")
-    vocab_size = sky.get("llm_config", {}).get("vocab_size", 0)
-    tokenizer = internvl_tokenizer(src_dir, vocab_size)
-    config = InternVLConfig(**internvl_config(sky, tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"]),
-                                              where))
+    kwargs = internvl_config(sky, str(src_dir / "config.json"))
+    tokenizer = internvl_tokenizer(src_dir, kwargs["text_config"]["vocab_size"])
+    config = InternVLConfig(**kwargs, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"]))
     shards = source_shards(src_dir)
     names = plan(shards, expected_weights(config), config.tie_word_embeddings)
 
