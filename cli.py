@@ -14,6 +14,7 @@ JOBS = {
     "plot": ("lightning_r1v2.jobs.plot", "plot", "PNG plots of a run's logs (reward, effective share, MPO terms)"),
     "export": ("lightning_r1v2.jobs.export", "export", "write a checkpoint as a Hugging Face folder"),
     "consolidate": ("lightning_r1v2.jobs.export", "consolidate", "merge a DeepSpeed checkpoint folder into one .ckpt"),
+    "convert": ("lightning_r1v2.jobs.convert", "convert", "turn a Skywork R1V release folder into an InternVL -hf folder"),
     "build-pairs": ("lightning_r1v2.jobs.build_pairs", "build_pairs", "sample the policy into MPO preference pairs"),
     "prefilter": ("lightning_r1v2.jobs.prefilter", "prefilter", "drop prompts the policy always or never solves"),
 }

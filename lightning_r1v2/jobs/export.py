@@ -5,11 +5,19 @@ Under ``DeepSpeedStrategy`` a checkpoint is a folder named like a file (``last.c
 ``checkpoint/zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt``, one shard per rank).
 ``export``, ``evaluate`` and ``build-pairs`` take such a folder directly (they consolidate it into a
 temporary file first); ``init_ckpt`` takes a file, which ``consolidate`` writes once.
+
+The exported folder names stock transformers classes only: where the policy's processor is our
+image-only stand-in (``TinyVLProcessor``, used when torchvision is missing) the folder declares the
+stock class it stands in for (``InternVLProcessor``), and the video processor config of the source
+folder is kept, so ``AutoProcessor`` loads the folder as it loaded the source.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -94,6 +102,73 @@ def export(ckpt_path: str, out: str, dtype: str | None = None) -> str:
         model = model.to(getattr(torch, dtype))
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    module.processor.save_pretrained(out)
+    name = getattr(module, "model_name", "tiny")  # the policy's source folder (the module loaded from it)
+    save_processor(module.processor, out, Path(name) if name != "tiny" else None)
     print(f"export: wrote model and processor of {ckpt_path} to {out}")
     return out
+
+
+# Sub-processor: (its key in processor_config.json, its legacy file of its own, its type key).
+_SUB_PROCESSORS = {
+    "image_processor": ("preprocessor_config.json", "image_processor_type"),
+    "video_processor": ("video_preprocessor_config.json", "video_processor_type"),
+}
+# Loading arguments transformers writes back into tokenizer_config.json.
+_LOAD_KWARGS = ("local_files_only", "is_local")
+# Image processor settings a derived video processor config shares.
+_SHARED_KEYS = ("size", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                "image_std", "do_convert_rgb")
+
+
+def stock_processor_class(processor) -> type:
+    """The transformers processor class ``processor`` is (or stands in for: the first one in its MRO)."""
+    for cls in type(processor).__mro__:
+        if cls.__module__.startswith("transformers.") and cls.__name__ != "ProcessorMixin":
+            return cls
+    raise TypeError(f"{type(processor).__name__} derives from no transformers processor class")
+
+
+def save_processor(processor, out, source: Path | None = None) -> None:
+    """``processor.save_pretrained(out)``, declaring stock classes only.
+
+    1. ``processor_class`` in ``processor_config.json`` / ``tokenizer_config.json`` is the stock
+       class (``stock_processor_class``).
+    2. A sub-processor the stock class takes but ``processor`` lacks (the video processor of our
+       image-only stand-in) keeps its config from ``source``: its section of the source's
+       ``processor_config.json`` or its legacy file (``video_preprocessor_config.json``). Without a
+       source, a video processor config is derived from the image processor's (same size and
+       normalisation; type named after the processor class, e.g. ``InternVLVideoProcessor``).
+    """
+    out = Path(out)
+    processor.save_pretrained(out)
+    stock = stock_processor_class(processor)
+    cfg_file = out / "processor_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    takes = inspect.signature(stock.__init__).parameters
+    src_cfg = {}
+    if source is not None and (source / "processor_config.json").exists():
+        src_cfg = json.loads((source / "processor_config.json").read_text())
+    for key, (legacy, type_key) in _SUB_PROCESSORS.items():
+        if key not in takes or key in cfg or (out / legacy).exists():
+            continue
+        if key in src_cfg:
+            cfg[key] = src_cfg[key]
+        elif source is not None and (source / legacy).exists():
+            shutil.copyfile(source / legacy, out / legacy)
+        elif key == "video_processor" and "image_processor" in cfg:
+            shared = {k: v for k, v in cfg["image_processor"].items() if k in _SHARED_KEYS}
+            cfg[key] = {type_key: stock.__name__.removesuffix("Processor") + "VideoProcessor", **shared}
+        else:
+            log.warning("%s: no %s config to write (the stock %s takes one)", out, key, stock.__name__)
+    cfg["processor_class"] = stock.__name__
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for name in ("tokenizer_config.json", *(legacy for legacy, _ in _SUB_PROCESSORS.values())):
+        path = out / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            # how this process loaded the tokenizer, not a setting of the folder
+            stale = [k for k in _LOAD_KWARGS if k in data]
+            if "processor_class" in data or stale:
+                data = {k: v for k, v in data.items() if k not in _LOAD_KWARGS}
+                data["processor_class"] = stock.__name__
+                path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
