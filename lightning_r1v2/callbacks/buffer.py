@@ -118,7 +118,7 @@ def draw_from_buffer(
         raise ValueError(f"n must be >= 0, got {n}")
     probs = buffer_sample_probs(abs_adv, alpha).double().cpu()  # [M]
     if n == 0:
-        return torch.empty(0, dtype=torch.long)
+        return torch.empty(0, dtype=torch.long)  # on CPU: buffer bookkeeping
     return torch.multinomial(probs, n, replacement=replacement, generator=generator)
 
 
@@ -177,7 +177,7 @@ class SelectiveSampleBuffer(RolloutHooks):
         self.pad_token_id, self.clear_every_epoch = int(pad_token_id), bool(clear_every_epoch)
         self.generator = torch.Generator().manual_seed(self.seed)
         self._store: Rollouts | None = None  # buffered rows, CPU
-        self._steps = torch.empty(0, dtype=torch.long)  # [M] step at which each row was stored
+        self._steps = torch.empty(0, dtype=torch.long)  # on CPU: buffer bookkeeping; [M] step at which each row was stored
         self._calls = 0  # hook calls: the step when no trainer is given
         self._rank_seeded = False
         self.last_stats: dict[str, float] = {}
@@ -187,7 +187,7 @@ class SelectiveSampleBuffer(RolloutHooks):
 
     def clear(self) -> None:
         """Empty the buffer (the generator state is kept)."""
-        self._store, self._steps = None, torch.empty(0, dtype=torch.long)
+        self._store, self._steps = None, torch.empty(0, dtype=torch.long)  # on CPU: buffer bookkeeping
 
     # -- Lightning hooks ----------------------------------------------------------------------------
 
@@ -221,7 +221,7 @@ class SelectiveSampleBuffer(RolloutHooks):
         was_replayed = (
             rollouts.from_buffer.detach().cpu().bool()
             if rollouts.from_buffer is not None
-            else torch.zeros(n, dtype=torch.bool)
+            else torch.zeros(n, dtype=torch.bool)  # on CPU: buffer bookkeeping
         )
         if n_replace == 0:
             out = rollouts
@@ -230,7 +230,7 @@ class SelectiveSampleBuffer(RolloutHooks):
         else:
             # the first zero rows (in row order) stay, the last n_replace are replaced, so that
             # whole groups tend to stay or go together
-            keep = torch.ones(n, dtype=torch.bool)
+            keep = torch.ones(n, dtype=torch.bool)  # on CPU: buffer bookkeeping
             keep[zero_idx[zero_idx.numel() - n_replace :]] = False
             kept = rollouts.select(keep.nonzero().flatten())
             kept.from_buffer = torch.zeros(len(kept), dtype=torch.bool, device=device)
@@ -332,7 +332,7 @@ class SelectiveSampleBuffer(RolloutHooks):
         """Append ``new`` (moved to CPU) to the buffer; evict the oldest beyond capacity."""
         new = new.map_tensors(lambda t: t.detach().cpu()).trim_padding()
         new = replace(new, from_buffer=None)
-        steps = torch.full((len(new),), step, dtype=torch.long)
+        steps = torch.full((len(new),), step, dtype=torch.long)  # on CPU: buffer bookkeeping
         if self._store is None:
             self._store, self._steps = new, steps
         else:
@@ -340,7 +340,7 @@ class SelectiveSampleBuffer(RolloutHooks):
             self._steps = torch.cat([self._steps, steps])
         over = len(self._store) - self.capacity
         if over > 0:
-            self._keep(torch.arange(over, len(self._store)))
+            self._keep(torch.arange(over, len(self._store)))  # on CPU: buffer bookkeeping
         return max(over, 0)
 
     def _replay(self, n: int, like: Rollouts, device) -> Rollouts:
@@ -353,7 +353,7 @@ class SelectiveSampleBuffer(RolloutHooks):
         pairs = torch.stack([self._steps[idx], rows.group_ids.long()])  # [2, n]
         _, inverse = torch.unique(pairs, dim=1, return_inverse=True)  # [n]
         base = min(0, int(like.group_ids.min())) - 1
-        rows = replace(rows, group_ids=base - inverse, from_buffer=torch.ones(n, dtype=torch.bool))
+        rows = replace(rows, group_ids=base - inverse, from_buffer=torch.ones(n, dtype=torch.bool))  # on CPU: moved below  # on CPU: buffer bookkeeping
         return _align(rows, like).to(device)
 
 
@@ -374,13 +374,13 @@ def _align(rows: Rollouts, like: Rollouts) -> Rollouts:
         if ref is None:
             kw[name] = None
         elif getattr(rows, name) is None:
-            kw[name] = torch.zeros(n, dtype=ref.dtype)
+            kw[name] = torch.zeros(n, dtype=ref.dtype)  # on CPU: buffer bookkeeping
     if like.reward is None:
         kw["reward"] = None
     elif rows.reward is None:
-        kw["reward"] = torch.full((n,), float("nan"), dtype=like.reward.dtype)
+        kw["reward"] = torch.full((n,), float("nan"), dtype=like.reward.dtype)  # on CPU: buffer bookkeeping
     kw["rewards"] = {
-        k: rows.rewards[k] if k in rows.rewards else torch.full((n,), float("nan"), dtype=v.dtype)
+        k: rows.rewards[k] if k in rows.rewards else torch.full((n,), float("nan"), dtype=v.dtype)  # on CPU: see _replay  # on CPU: buffer bookkeeping
         for k, v in like.rewards.items()
     }
     return replace(rows, **kw)

@@ -251,9 +251,9 @@ class PolicyModule(L.LightningModule):
         texts = self.generate(batch, self.hparams.eval_max_new_tokens)
         recs = batch["records"]
         scores = held_out_scores(texts, recs)
-        self.val_accuracy.update(torch.tensor(scores["accuracy"]))
-        self.val_accuracy_letter_only.update(torch.tensor(scores["accuracy_letter_only"]))
-        self.val_format.update(torch.tensor(scores["format"]))
+        self.val_accuracy.update(torch.tensor(scores["accuracy"], device=self.device))
+        self.val_accuracy_letter_only.update(torch.tensor(scores["accuracy_letter_only"], device=self.device))
+        self.val_format.update(torch.tensor(scores["format"], device=self.device))
         self.log("val/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=len(recs))
         self.log("val/format", self.val_format, on_epoch=True, prog_bar=True, batch_size=len(recs))
         self.log("val/accuracy_letter_only", self.val_accuracy_letter_only, on_epoch=True, batch_size=len(recs))

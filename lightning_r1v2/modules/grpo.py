@@ -188,6 +188,7 @@ class GRPOModule(PolicyModule):
         for cb in cbs:
             rollouts.rewards[cb.name] = cb.score(rollouts)
         call_rollout_hook(self.trainer, self, "on_rewards", rollouts)
+        rollouts = rollouts.to(self.device)  # reward columns and fault masks may come back on the CPU
         rollouts.reward = combine_rewards(
             rollouts.rewards,
             {cb.name: cb.weight for cb in cbs},
@@ -200,7 +201,7 @@ class GRPOModule(PolicyModule):
         if self.ref_model is not None and rollouts.ref_logprobs is None:
             with torch.no_grad():
                 rollouts.ref_logprobs = self.sequence_logprobs(self.ref_model, rollouts)[0]
-        rollouts = call_rollout_hook(self.trainer, self, "on_advantages", rollouts)
+        rollouts = call_rollout_hook(self.trainer, self, "on_advantages", rollouts).to(self.device)
         stats = self._update(rollouts)
         t3 = time.perf_counter()
         self.phase_times = {"time/generate": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2}
@@ -231,12 +232,12 @@ class GRPOModule(PolicyModule):
         lengths = r.completion_mask.sum(1).float()  # [N]
         return {
             "reward": r.reward.mean(),
-            "reward_std": r.reward.std() if len(r) > 1 else torch.tensor(0.0),
+            "reward_std": r.reward.std() if len(r) > 1 else torch.tensor(0.0, device=r.reward.device),
             "frac_reward_zero_std": (grouped.std(dim=1) < 1e-6).float().mean(),
             "effective_share": (r.advantages.abs() > 1e-6).float().mean(),
             "completions/mean_length": lengths.mean(),
             "completions/max_length": lengths.max(),
-            "completions/clipped_ratio": r.truncated.float().mean() if r.truncated is not None else torch.tensor(0.0),
+            "completions/clipped_ratio": r.truncated.float().mean() if r.truncated is not None else torch.tensor(0.0, device=r.reward.device),
         }
 
     def _update(self, rollouts: Rollouts) -> dict:

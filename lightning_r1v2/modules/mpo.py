@@ -186,7 +186,7 @@ class MPOModule(PolicyModule):
         )
         r_c, r_r = mpo_rewards(chosen.detach(), rejected.detach(), ref_chosen, ref_rejected, hp.beta)
         self.delta.update(self._gather(torch.cat([r_c, r_r])))
-        stats["delta_next"] = torch.tensor(self.delta.value)
+        stats["delta_next"] = torch.tensor(self.delta.value, device=self.device)
         stats["tokens/chosen"] = n_tok[:B].float().mean()
         stats["tokens/rejected"] = n_tok[B:].float().mean()
         self.log_dict({f"train/{k}": v.float() for k, v in stats.items() if k != "loss"}, batch_size=B)

@@ -49,14 +49,14 @@ class Rollouts:
 
     def select(self, index: torch.Tensor | list[int]) -> Rollouts:
         """The rows at ``index`` (in that order), every per-row field sliced alike."""
-        idx = torch.as_tensor(index, dtype=torch.long)
+        idx = torch.as_tensor(index, dtype=torch.long)  # on CPU: moved to each field's device below
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                out[f.name] = v[idx]
+                out[f.name] = v[idx.to(v.device)]
             elif isinstance(v, dict):
-                out[f.name] = {k: t[idx] for k, t in v.items()}
+                out[f.name] = {k: t[idx.to(t.device)] for k, t in v.items()}
             elif isinstance(v, list):
                 out[f.name] = [v[i] for i in idx.tolist()]
             else:

@@ -335,15 +335,16 @@ class VLLMEngine(RolloutEngine):
                 lp_rows.append(_sampled_logprobs(o, toks))
                 reason = getattr(o, "finish_reason", None)
                 truncated.append(reason == "length" if reason is not None else not set(io.stop_ids) & set(toks))
+        # built on the CPU from vLLM's lists; ``generate`` moves the whole batch with ``Rollouts.to``
         P = max(len(r) for r in prompt_rows)
         C = max(1, max(len(r) for r in comp_rows))
-        prompt_ids = torch.tensor([[pad] * (P - len(r)) + r for r in prompt_rows], dtype=torch.long)  # [N, P]
-        prompt_mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in prompt_rows], dtype=torch.long)
-        completion_ids = torch.tensor([r + [pad] * (C - len(r)) for r in comp_rows], dtype=torch.long)  # [N, C]
-        old_logprobs = torch.tensor([r + [0.0] * (C - len(r)) for r in lp_rows], dtype=torch.float32)  # [N, C]
+        prompt_ids = torch.tensor([[pad] * (P - len(r)) + r for r in prompt_rows], dtype=torch.long)  # on CPU: moved by generate; [N, P]
+        prompt_mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in prompt_rows], dtype=torch.long)  # on CPU: moved by generate
+        completion_ids = torch.tensor([r + [pad] * (C - len(r)) for r in comp_rows], dtype=torch.long)  # on CPU: moved by generate; [N, C]
+        old_logprobs = torch.tensor([r + [0.0] * (C - len(r)) for r in lp_rows], dtype=torch.float32)  # on CPU: moved by generate; [N, C]
         completion_mask, _ = completion_mask_from_eos(completion_ids, io.stop_ids)
-        lengths = torch.tensor([len(r) for r in comp_rows])  # [N]
-        completion_mask = completion_mask * (torch.arange(C)[None, :] < lengths[:, None]).long()  # [N, C]
+        lengths = torch.tensor([len(r) for r in comp_rows])  # on CPU: moved by generate; [N]
+        completion_mask = completion_mask * (torch.arange(C)[None, :] < lengths[:, None]).long()  # on CPU: moved by generate; [N, C]
         old_logprobs = old_logprobs.masked_fill(completion_mask == 0, 0.0)
         texts = decode_completions(tok, completion_ids, completion_mask, io)
         records = [r for r in batch["records"] for _ in range(G)]
@@ -355,10 +356,10 @@ class VLLMEngine(RolloutEngine):
             media=[m for m in batch["media"] for _ in range(G)],  # each row its record's media, as the HF engine
             completions=texts,
             records=records,
-            group_ids=torch.arange(len(batch["records"])).repeat_interleave(G),  # [N]
+            group_ids=torch.arange(len(batch["records"])).repeat_interleave(G),  # on CPU: moved by generate; [N]
             group_size=G,
             old_logprobs=old_logprobs,
-            truncated=torch.tensor(truncated, dtype=torch.bool),
+            truncated=torch.tensor(truncated, dtype=torch.bool),  # on CPU: moved by generate
             token_inputs={k: v.repeat_interleave(G, dim=0) for k, v in batch.get("token_inputs", {}).items()},
         )
 
