@@ -59,7 +59,13 @@ class HFGenerateEngine(RolloutEngine):
             each forward, and ``generate`` runs with ``synced_gpus=True`` in a multi-rank run
             (a rank whose samples all ended keeps stepping, so the others' gathers never hang).
         share_prompt_prefill: Prefill each prompt once and repeat its KV cache ``G`` times
-            (off: the prompt and image run ``G`` times, as plain ``generate`` does).
+            (off: the prompt and image run ``G`` times, as plain ``generate`` does). Applies to the
+            dynamic cache only.
+        cache: ``"dynamic"`` (a growing KV cache), ``"static"`` (preallocated to the longest
+            prompt + ``max_new_tokens``; on CUDA transformers compiles the decoding step with
+            ``torch.compile`` and replays it as a CUDA graph: the per-token Python and kernel-launch
+            overhead that dominates small-batch decoding goes away), or None: static on CUDA,
+            dynamic elsewhere. Same tokens and recorded log-probs either way (tested on CPU).
     """
 
     def __init__(
@@ -71,8 +77,12 @@ class HFGenerateEngine(RolloutEngine):
         record_logprobs: bool = True,
         gather_zero3: bool = True,
         share_prompt_prefill: bool = True,
+        cache: str | None = None,
     ):
         super().__init__(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        if cache not in (None, "dynamic", "static"):
+            raise ValueError(f"cache must be 'dynamic', 'static' or None (static on CUDA), got {cache!r}")
+        self.cache = cache
         self.record_logprobs = record_logprobs
         self.gather_zero3 = gather_zero3
         self.share_prompt_prefill = share_prompt_prefill
@@ -97,7 +107,10 @@ class HFGenerateEngine(RolloutEngine):
         with _gathered(module, self.gather_zero3) as gathered:
             kw = io.model_inputs(input_ids, attention_mask, row_media, token_inputs, dtype=model.dtype)
             kw.pop("position_ids", None)  # generate numbers positions itself (as the scoring pass does)
-            if self.share_prompt_prefill and G > 1 and io.family.share_prompt and _can_prefill(batch, blocked):
+            static = self.cache_kind(device) == "static"
+            if static:
+                kw["cache_implementation"] = "static"
+            elif self.share_prompt_prefill and G > 1 and io.family.share_prompt and _can_prefill(batch, blocked):
                 kw = {k: v for k, v in kw.items() if k in ("input_ids", "attention_mask")}
                 kw["past_key_values"] = _prefill(model, batch, G, io, media)
             if gathered.layerwise_zero3:
@@ -135,6 +148,13 @@ class HFGenerateEngine(RolloutEngine):
             truncated=truncated,
             token_inputs=token_inputs,
         )
+
+
+    def cache_kind(self, device) -> str:
+        """The KV cache ``generate`` uses on ``device``: the ``cache`` setting, or static on CUDA."""
+        if self.cache is not None:
+            return self.cache
+        return "static" if torch.device(device).type == "cuda" else "dynamic"
 
 
 def _can_prefill(batch: dict, blocked: list[int]) -> bool:
