@@ -1,6 +1,10 @@
 """A colocated vLLM rollout engine: one ``vllm.LLM`` per training rank, weights pushed in place.
 
-Written against vLLM 0.11.x (V1 engine; ``pip install 'lightning-r1v2[vllm]'``). ``vllm`` is
+Written against vLLM 0.33 (V1 engine; ``pip install 'lightning-r1v2[vllm]'``, which pins
+``vllm>=0.33,<0.34``: vLLM 0.11.1/0.11.2 declare ``transformers<5`` and 0.11.0 fails on
+transformers 5, while our pin is ``transformers>=5``). No vLLM could be run in this project (it
+does not install on its machines); the calls below were read against vLLM's source and are
+checked against a strict stand-in in ``tests/test_vllm_engine.py``. ``vllm`` is
 imported lazily inside methods only: importing this module, or parsing a YAML that names
 ``lightning_r1v2.rollout.vllm_engine.VLLMEngine``, never imports vLLM.
 
@@ -15,7 +19,7 @@ so the vLLM weights and KV cache leave the GPU while the policy trains (``enable
 Weights are pushed before the first generation (the policy may come from ``init_ckpt``, not from
 ``model_path``), then every ``sync_weights_every`` optimizer steps, the trainable parameters only.
 
-How it maps onto vLLM (0.11.x):
+How it maps onto vLLM (0.33):
 - Colocation as TRL's ``vllm_mode="colocate"``: ``distributed_executor_backend="external_launcher"``
   when the world size is > 1, which reuses the launcher's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``;
   vLLM's tensor-parallel groups are blocks of ``tensor_parallel_size`` consecutive ranks, whose
@@ -139,6 +143,8 @@ class VLLMEngine(RolloutEngine):
         self.llm = None
         self._tp_group = None
         self._synced_step: int | None = None  # module.global_step at the last push
+        self._weights_version = 0  # pushes so far: names cached image features
+        self._calls = 0  # generate calls so far: part of each request's seed
         self._sleeping = False
 
     # ------------------------------------------------------------- building
@@ -166,7 +172,7 @@ class VLLMEngine(RolloutEngine):
             tensor_parallel_size=tp,
             enable_sleep_mode=self.enable_sleep_mode,
             max_model_len=self.max_model_len,
-            limit_mm_per_prompt={"image": self.max_images_per_prompt},
+            limit_mm_per_prompt={"image": self.max_images_per_prompt, "video": 0},
             logprobs_mode="processed_logprobs",
             seed=self.seed + rank // tp,  # identical within a tensor-parallel block
         )
@@ -180,10 +186,18 @@ class VLLMEngine(RolloutEngine):
                 self._tp_group = _tp_subgroup(world, tp)
         kwargs.update(self.llm_kwargs)
         log.info("building vLLM engine on %s (tp=%d, world=%d)", path, tp, world)
-        self.llm = vllm.LLM(**kwargs)
+        with _kept_global_rngs():  # vLLM seeds the process's global RNGs when it builds its engine
+            self.llm = vllm.LLM(**kwargs)
         return self.llm
 
-    def sampling_params(self, group_size: int, processor):
+    def request_seed(self, step: int, call: int) -> int:
+        """The sampling seed of a request: the same on every rank of a tensor-parallel block (whose
+        ranks sample on their own and must draw the same numbers, else they diverge or hang), new
+        for every step and call. vLLM reseeds only when the engine is built; the trainer's
+        per-rank RNG (restored per rank on resume) never reaches it."""
+        return (self.seed * 1_000_003 + step * 1_009 + call) % (2**31 - 1)
+
+    def sampling_params(self, group_size: int, processor, seed: int | None = None):
         """The ``vllm.SamplingParams`` of one request: ``n = group_size`` samples of a prompt."""
         vllm = import_vllm()
         io = policy_io(processor)
@@ -198,6 +212,7 @@ class VLLMEngine(RolloutEngine):
             logprobs=0,  # the sampled token's log-prob only
             stop_token_ids=list(io.stop_ids),
             bad_words=tokenizer.convert_ids_to_tokens(blocked) if blocked else None,
+            seed=seed,
         )
 
     # ------------------------------------------------------------- sleeping
@@ -261,7 +276,15 @@ class VLLMEngine(RolloutEngine):
             pushed += len(params)
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        # vLLM also caches vision tower + connector outputs per image across requests, and the prefix
+        # reset leaves them: an image seen before would reuse features of the old weights (R1V2 trains
+        # exactly the connector). vLLM >= 0.12 clears them on request; every request also names its
+        # images per weight version (``multi_modal_uuids``), so no cached feature outlives a push.
+        engine = getattr(self.llm, "llm_engine", None)
+        if hasattr(engine, "reset_encoder_cache"):
+            engine.reset_encoder_cache()
         self._synced_step = int(getattr(module, "global_step", 0))
+        self._weights_version += 1
         return pushed
 
     def _vllm_name(self, name: str) -> str:
@@ -272,10 +295,14 @@ class VLLMEngine(RolloutEngine):
 
     def _load_weights(self, weights: list[tuple[str, torch.Tensor]]):
         executor = getattr(getattr(self.llm, "llm_engine", None), "model_executor", None)
-        if executor is not None:  # in-process engine: the model object itself
-            executor.driver_worker.model_runner.model.load_weights(weights=weights)
-        else:  # a multiprocess engine core: run it on the worker(s)
-            self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+        if executor is None or not hasattr(executor, "driver_worker"):
+            # a multiprocess engine core cannot take CUDA tensors (collective_rpc pickles its arguments)
+            raise RuntimeError(
+                "VLLMEngine pushes weights into an in-process vLLM engine core, but this one runs in another "
+                "process; set VLLM_ENABLE_V1_MULTIPROCESSING=0 before vLLM is imported (VLLMEngine sets it when "
+                "it builds the engine: was vllm.LLM built elsewhere?)"
+            )
+        executor.driver_worker.model_runner.model.load_weights(weights=weights)
 
     # ------------------------------------------------------------ generation
     @torch.no_grad()
@@ -293,8 +320,10 @@ class VLLMEngine(RolloutEngine):
         records = batch["records"]
         own = len(records)
         all_records, offset = self._gather_tp(records)
-        prompts = [_mm_prompt(module.processor, r) for r in all_records]
-        outs = self.llm.generate(prompts, self.sampling_params(G, module.processor), use_tqdm=False)
+        prompts = [_mm_prompt(module.processor, r, self._weights_version) for r in all_records]
+        seed = self.request_seed(int(getattr(module, "global_step", 0)), self._calls)
+        self._calls += 1
+        outs = self.llm.generate(prompts, self.sampling_params(G, module.processor, seed=seed), use_tqdm=False)
         outs = outs[offset: offset + own]
         self._sleep()
         return self._rollouts(outs, batch, G, module.processor).to(module.device)
@@ -364,13 +393,17 @@ class VLLMEngine(RolloutEngine):
         )
 
 
-def _mm_prompt(processor, record: dict) -> dict:
-    """vLLM's multimodal prompt: chat-template text plus the record's PIL images."""
+def _mm_prompt(processor, record: dict, weights_version: int = 0) -> dict:
+    """vLLM's multimodal prompt: chat-template text plus the record's PIL images, each named by the
+    record, its index and the weights version (vLLM keys cached image features by this name)."""
     images = load_images(record)
-    return {
-        "prompt": prompt_text(processor, record),
-        "multi_modal_data": {"image": images[0] if len(images) == 1 else images},
-    }
+    prompt = {"prompt": prompt_text(processor, record)}
+    if images:
+        rid = record.get("id", record.get("_source", "record"))
+        prompt["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
+        uuids = [f"{rid}/{i}@w{weights_version}" for i in range(len(images))]
+        prompt["multi_modal_uuids"] = {"image": uuids[0] if len(images) == 1 else uuids}
+    return prompt
 
 
 def _sampled_logprobs(output, token_ids: list[int]) -> list[float]:
@@ -385,9 +418,30 @@ def _sampled_logprobs(output, token_ids: list[int]) -> list[float]:
     return out
 
 
-def _load_weights_on_worker(worker, weights):
-    """Run by vLLM's ``collective_rpc`` on each worker (multiprocess engines)."""
-    worker.model_runner.model.load_weights(weights=weights)
+class _kept_global_rngs:
+    """Restore Python's, NumPy's and torch's (CPU and CUDA) global RNG states on exit."""
+
+    def __enter__(self):
+        import random
+
+        import numpy as np
+
+        self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                       torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        return self
+
+    def __exit__(self, *exc):
+        import random
+
+        import numpy as np
+
+        py, npy, cpu, cuda = self.states
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        return False
 
 
 def _zero3_enabled(module) -> bool:
