@@ -44,6 +44,17 @@ def main(stage: int, micro: int, ckpt: str | None):
                         precision="32-true", max_steps=2 * optimizer_steps_per_batch(m, dm), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=rewards)
+    from lightning_r1v2.rollout import hf_engine
+
+    unhooked = []
+    real_gathered = hf_engine._gathered
+
+    def spy(module, enabled):
+        g = real_gathered(module, enabled)
+        unhooked.append(g.unhooked)
+        return g
+
+    hf_engine._gathered = spy
     trainer.fit(m, dm)
     partitioned = any(hasattr(p, "ds_id") for p in m.model.parameters())
     with deepspeed.zero.GatheredParameters(list(m.model.parameters())):
@@ -58,6 +69,7 @@ def main(stage: int, micro: int, ckpt: str | None):
         "finite": all(torch.isfinite(v).all().item() for v in trainable.values()),
         "completions": m.last_rollouts.completions,
         "reward": float(trainer.callback_metrics["reward"]),
+        "unhooked": unhooked,  # per generate: ZeRO-3's module hooks removed for it (DeepSpeed's unwrap)
     }))
 
 

@@ -73,6 +73,9 @@ def test_grpo_module_runs_unchanged_under_zero2_and_zero3(tiny_data):
     z2 = _fit(2, 16, "none", 29542, tiny_data)  # ZeRO-2, 32 rows accumulated in micro-batches of 16
     z3 = _fit(3, 0, "none", 29543, tiny_data)  # ZeRO-3: generate gathers the partitioned parameters
     assert z3["partitioned"] and not z2["partitioned"]
+    # ZeRO-3 generation ran gathered once with DeepSpeed's hooks removed (and training went on after:
+    # the hooks came back), every rollout batch
+    assert z3["unhooked"] == [True, True] and z2["unhooked"] == [False, False]
     for r in (z2, z3):
         assert r["global_step"] == 4  # 2 rollout batches x 2 passes (configs/tiny/grpo.yaml)
         assert r["changed"] == r["trainable"] > 0 and r["frozen_unchanged"] and r["finite"]
