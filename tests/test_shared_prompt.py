@@ -89,7 +89,7 @@ def test_gradient_checkpointing_falls_back_to_one_pass(tiny_data, monkeypatch):
 
     m, batch = _setup(tiny_data)
     r = m.engine.generate(m, batch, G)
-    m.model.gradient_checkpointing_enable()
+    m.model.activation_checkpointing_enable()
     m.model.train()
     called = []
     monkeypatch.setattr(scoring, "_shared_prompt", lambda *a: called.append(1))

@@ -132,7 +132,7 @@ class PolicyModule(L.LightningModule):
         model = self._load_model()
         self.param_counts = set_trainable(model, self.trainable)
         if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         # ``from_pretrained`` returns the model in eval mode, and Lightning (2.2+) keeps submodules'
         # modes at fit start; transformers recomputes activations only ``if self.gradient_checkpointing
         # and self.training`` (``modeling_layers.py``), so a folder policy left in eval mode would

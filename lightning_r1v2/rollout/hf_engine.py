@@ -112,7 +112,7 @@ class HFGenerateEngine(RolloutEngine):
                 kw["cache_implementation"] = "static"
             elif self.share_prompt_prefill and G > 1 and io.family.share_prompt and _can_prefill(batch, blocked):
                 kw = {k: v for k, v in kw.items() if k in ("input_ids", "attention_mask")}
-                kw["past_key_values"] = _prefill(model, batch, G, io, media)
+                kw["cache"] = _prefill(model, batch, G, io, media)
             if gathered.layerwise_zero3:
                 kw["synced_gpus"] = True
             out = model.generate(
@@ -175,7 +175,7 @@ def _prefill(model, batch: dict, G: int, io, media: list[dict]):
     mask = batch["attention_mask"][:, :-1].to(device)  # [B, P-1]
     kw = io.model_inputs(ids, mask, media, None, dtype=model.dtype)
     out = model(**kw, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(G)  # [B, ...] -> [B*G, ...], rows of a prompt contiguous
     return cache
 

@@ -52,7 +52,7 @@ def _shared_prompt(model, rows: Rollouts, io, first: torch.Tensor, run_of_row: t
     kw = io.model_inputs(rows.prompt_ids[first], pm, [rows.media[i] for i in first.tolist()],
                          {k: v[first] for k, v in rows.token_inputs.items()}, dtype=model.dtype)
     out = model(**kw, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_select_indices(run_of_row)  # [u, ...] -> [n, ...]: each row gets its prompt's keys/values
     attention_mask = torch.cat([rows.prompt_mask, rows.completion_mask], dim=1)  # [n, P+C]
     P = rows.prompt_ids.shape[1]
@@ -60,7 +60,7 @@ def _shared_prompt(model, rows: Rollouts, io, first: torch.Tensor, run_of_row: t
     kw2["attention_mask"] = attention_mask
     if "position_ids" in kw2:
         kw2["position_ids"] = io.positions(attention_mask)[:, P:]  # [n, C]
-    out2 = model(**kw2, past_key_values=cache, use_cache=False)
+    out2 = model(**kw2, cache=cache, use_cache=False)
     head = out.logits[run_of_row, -1:]  # [n, 1, V] the last prompt position chooses completion token 0
     return torch.cat([head, out2.logits[:, :-1]], dim=1)  # [n, C, V]
 
