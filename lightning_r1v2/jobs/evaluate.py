@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..callbacks.hallucination import rates as hallucination_rates
+from ..rewards.claims import rates as hallucination_rates
 from ..data.collate import PromptCollator
 from ..data.records import read_records
 from ..rewards.rules import held_out_scores

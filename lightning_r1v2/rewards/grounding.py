@@ -24,7 +24,7 @@ Example:
 """
 from __future__ import annotations
 
-from ..callbacks.hallucination import checked_claims, scene_counts
+from .claims import checked_claims, scene_counts
 
 
 def grounding_reward(
