@@ -19,7 +19,7 @@ import torch
 log = logging.getLogger("lightning_r1v2.jobs")
 
 DEFAULT_REWARDS: list[dict] = [
-    # R1V3's hybrid reward, as configs/tiny/grpo.yaml: 0.8 accuracy + 0.2 format
+    # R1V3's hybrid reward (0.8 accuracy + 0.2 format), as configs/tiny/build_pairs.yaml; the GRPO config adds grounding
     {"class_path": "lightning_r1v2.rewards.RewardCallback",
      "init_args": {"fn": "lightning_r1v2.rewards.accuracy_reward", "name": "accuracy", "weight": 0.8}},
     {"class_path": "lightning_r1v2.rewards.RewardCallback",

@@ -38,7 +38,6 @@ class PolicyModule(L.LightningModule):
         dtype: Weights' dtype (``bfloat16`` at scale; None keeps the checkpoint's).
         seed: Init seed of the embedded default.
         eval_max_new_tokens: Generation length for held-out evaluation.
-        eval_batch_size: Not used for batching (the DataModule batches); kept for documentation.
         gradient_checkpointing: Recompute activations in the backward pass (memory for time).
         init_ckpt: Start from the policy weights of this Lightning checkpoint (an earlier stage's).
         defer_init: Build the policy in ``configure_model`` instead of here. Lightning calls that

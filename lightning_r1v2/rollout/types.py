@@ -19,7 +19,7 @@ class Rollouts:
     completion_ids: torch.Tensor  # [N, C] right-padded
     completion_mask: torch.Tensor  # [N, C] 1 on generated tokens up to and including EOS
     media: list[dict]  # [N] each row's own media (pixel_values of all its images/tiles, image grids); rows of a group share one dict
-    completions: list[str]  # [N] decoded completion text (special tokens removed)
+    completions: list[str]  # [N] decoded completion text: stop tokens and padding dropped, <think> markers kept
     records: list[dict]  # [N] the source record of each row (answer, annotations, choices, tests, id)
     group_ids: torch.Tensor  # [N] long, rows with the same id were sampled for the same prompt
     group_size: int  # G
