@@ -3,7 +3,8 @@ from .buffer import SelectiveSampleBuffer
 from .checkpoint import LastCheckpoint
 from .entropy import CriticalTokenEntropy
 from .hallucination import HallucinationMonitor
-from .hooks import RolloutHooks, call_rollout_hook
+from .hooks import RolloutHooks, call_rollout_hook, reward_callbacks, set_reward_weight, step_stats
 from .interrupt import SaveOnInterrupt
 
-__all__ = ["LastCheckpoint", "SelectiveSampleBuffer", "CriticalTokenEntropy", "HallucinationMonitor", "RolloutHooks", "SaveOnInterrupt", "call_rollout_hook"]
+__all__ = ["LastCheckpoint", "SelectiveSampleBuffer", "CriticalTokenEntropy", "HallucinationMonitor", "RolloutHooks", "SaveOnInterrupt", "call_rollout_hook",
+           "reward_callbacks", "set_reward_weight", "step_stats"]

@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from lightning_r1v2.callbacks.hooks import RolloutHooks
+from lightning_r1v2.callbacks.hooks import RolloutHooks, reward_callbacks, set_reward_weight
 
 from ..rewards.claims import (
     COLOUR_WORDS,
@@ -144,7 +144,7 @@ class HallucinationMonitor(RolloutHooks):
         step = int(trainer.global_step) if hasattr(trainer, "global_step") else self._calls
         self._calls += 1
         if self.action == "scale_reward" and self._restore_weight:
-            self._reward_callback(trainer).weight = self._weight
+            set_reward_weight(trainer, self.reward_name, self._weight)
             self._restore_weight = False
         counts = self._reduce(trainer, hallucination_counts(rollouts.completions, rollouts.records, self.phrases))
         values = _rates_from_counts(counts)
@@ -191,9 +191,8 @@ class HallucinationMonitor(RolloutHooks):
         if self.action == "warn":
             log.warning(msg)
         elif self.action == "scale_reward":
-            cb = self._reward_callback(trainer)
-            old = float(cb.weight)
-            cb.weight = max(old * self.scale, self.min_weight)
+            old = float(self._reward_callback(trainer).weight)
+            cb = set_reward_weight(trainer, self.reward_name, max(old * self.scale, self.min_weight))
             self._weight = float(cb.weight)
             log.warning(f"{msg}; reward {self.reward_name!r} weight {old:g} -> {cb.weight:g}")
         else:
@@ -202,8 +201,7 @@ class HallucinationMonitor(RolloutHooks):
             trainer.should_stop = True
 
     def _reward_callback(self, trainer):
-        callbacks = getattr(trainer, "callbacks", None) or []
-        rewards = [cb for cb in callbacks if hasattr(cb, "score") and hasattr(cb, "weight")]
+        rewards = reward_callbacks(trainer)
         for cb in rewards:
             if getattr(cb, "name", None) == self.reward_name:
                 return cb

@@ -60,6 +60,7 @@ def build_reward_callbacks(specs: list[dict] | None) -> list:
 
     Each spec is ``{class_path: ..., init_args: {...}}``, the form of a trainer callback in a config.
     """
+    from ..callbacks.hooks import is_reward_callback
     from ..rewards.callback import import_object
 
     specs = DEFAULT_REWARDS if specs is None else specs
@@ -71,7 +72,7 @@ def build_reward_callbacks(specs: list[dict] | None) -> list:
             raise ValueError(f"rewards[{i}] must be a dict with a 'class_path', got {spec!r}")
         cls = import_object(spec["class_path"])
         cb = cls(**dict(spec.get("init_args") or {}))
-        if not all(hasattr(cb, a) for a in ("score", "name", "weight")):
+        if not is_reward_callback(cb):
             raise TypeError(f"rewards[{i}] ({spec['class_path']}) has no score/name/weight")
         out.append(cb)
     names = [cb.name for cb in out]
@@ -148,7 +149,7 @@ def sample_groups(
         progress: a name to print progress under; None prints nothing.
     """
     from ..data.collate import PromptCollator
-    from ..rewards.combine import combine_rewards
+    from ..rewards.combine import score_and_combine
     from ..rollout.hf_engine import HFGenerateEngine
 
     if num_samples < 1:
@@ -156,17 +157,13 @@ def sample_groups(
     engine = HFGenerateEngine(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               record_logprobs=False)
     collate = PromptCollator(module.processor)
-    weights = {cb.name: cb.weight for cb in callbacks}
-    groups = {cb.name: cb.group for cb in callbacks if getattr(cb, "group", None)}
     torch.manual_seed(seed)
     bar = Progress(progress, len(records), progress_every) if progress else None
     G = num_samples
     for start in range(0, len(records), batch_size):
         recs = records[start : start + batch_size]
         rollouts = engine.generate(module, collate(recs), G)  # completions keep <think>, drop EOS and padding
-        for cb in callbacks:
-            rollouts.rewards[cb.name] = cb.score(rollouts)
-        reward = combine_rewards(rollouts.rewards, weights, mode=reward_mode, groups=groups)  # [B*G]
+        reward = score_and_combine(rollouts, callbacks, reward_mode)  # [B*G]
         truncated = rollouts.truncated.tolist()
         for b, rec in enumerate(recs):
             sl = slice(b * G, (b + 1) * G)

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-from ..callbacks.hooks import call_rollout_hook
+from ..callbacks.hooks import call_rollout_hook, reward_callbacks, step_stats
 from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, micro_batch_weights, token_logprobs
-from ..rewards.combine import combine_rewards
+from ..rewards.combine import combine_columns, score_columns
 from ..rollout.base import RolloutEngine
 from ..rollout.hf_engine import HFGenerateEngine
 from ..rollout.scoring import completion_logits
@@ -109,7 +109,7 @@ class GRPOModule(PolicyModule):
 
     # ---------------------------------------------------------------- helpers
     def reward_callbacks(self) -> list:
-        cbs = [cb for cb in self.trainer.callbacks if hasattr(cb, "score") and hasattr(cb, "weight")]
+        cbs = reward_callbacks(self.trainer)
         if not cbs:
             raise ValueError(
                 "GRPO needs at least one RewardCallback in trainer.callbacks, e.g.\n"
@@ -185,16 +185,10 @@ class GRPOModule(PolicyModule):
         t1 = time.perf_counter()
         call_rollout_hook(self.trainer, self, "on_rollouts", rollouts)
         cbs = self.reward_callbacks()
-        for cb in cbs:
-            rollouts.rewards[cb.name] = cb.score(rollouts)
+        score_columns(rollouts, cbs)
         call_rollout_hook(self.trainer, self, "on_rewards", rollouts)
         rollouts = rollouts.to(self.device)  # reward columns and fault masks may come back on the CPU
-        rollouts.reward = combine_rewards(
-            rollouts.rewards,
-            {cb.name: cb.weight for cb in cbs},
-            mode=hp.reward_mode,
-            groups={cb.name: cb.group for cb in cbs if getattr(cb, "group", None)},
-        )
+        rollouts.reward = combine_columns(rollouts, cbs, hp.reward_mode)
         rollouts.advantages = group_advantages(rollouts.reward, hp.group_size, scale=hp.scale_advantages)
         pre = self._reward_stats(rollouts)
         t2 = time.perf_counter()
@@ -209,8 +203,7 @@ class GRPOModule(PolicyModule):
         stats.update(pre)
         stats.update(self.phase_times)
         stats["rollout_tokens_per_s"] = n_tokens / max(t1 - t0, 1e-9)
-        for cb in self.trainer.callbacks:
-            stats.update(getattr(cb, "last_stats", None) or {})
+        stats.update(step_stats(self.trainer))
         reward = float(stats.pop("reward"))
         if self._logging_step():  # ~40 metrics: Lightning's per-key bookkeeping is not free at small steps
             self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, batch_size=len(rollouts))

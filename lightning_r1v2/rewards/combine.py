@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["combine_rewards", "MODES"]
+__all__ = ["combine_rewards", "score_columns", "combine_columns", "score_and_combine", "MODES"]
 
 MODES = ("sum", "weighted", "gate")
 
@@ -63,3 +63,25 @@ def combine_rewards(
         best = torch.where(stacked.isnan().all(0), torch.zeros_like(best), best)
         total += float(weights.get(ks[0], 1.0)) * best
     return total
+
+
+def score_columns(rollouts, callbacks: list) -> None:
+    """Each reward callback's column into ``rollouts.rewards[name]``, in order."""
+    for cb in callbacks:
+        rollouts.rewards[cb.name] = cb.score(rollouts)
+
+
+def combine_columns(rollouts, callbacks: list, mode: str = "weighted") -> torch.Tensor:
+    """``combine_rewards`` of the columns with the callbacks' current weights and groups."""
+    return combine_rewards(
+        rollouts.rewards,
+        {cb.name: cb.weight for cb in callbacks},
+        mode=mode,
+        groups={cb.name: cb.group for cb in callbacks if getattr(cb, "group", None)},
+    )
+
+
+def score_and_combine(rollouts, callbacks: list, mode: str = "weighted") -> torch.Tensor:
+    """Score with every reward callback, then combine: the combined reward ``[N]``."""
+    score_columns(rollouts, callbacks)
+    return combine_columns(rollouts, callbacks, mode)
