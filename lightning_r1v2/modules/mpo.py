@@ -20,11 +20,10 @@ import logging
 import math
 
 import torch
-import torch.distributed as dist
 
 from ..losses import RunningMean, mpo_loss, mpo_rewards, shift_for_causal_lm, token_logprobs
 from ..models.inputs import policy_io
-from ..utils.distributed import world_and_rank
+from ..utils.distributed import all_ranks, world_and_rank
 from .common import PolicyModule
 
 log = logging.getLogger("lightning_r1v2.modules")
@@ -131,9 +130,7 @@ class MPOModule(PolicyModule):
                 local[pid] = (float(logp[i]), float(logp[len(batch["pair_ids"]) + i]))
         self.model.train(was_training)
         if world > 1:
-            shards: list = [None] * world
-            dist.all_gather_object(shards, local)
-            for part in shards:
+            for part in all_ranks(local):
                 local.update(part)
         self.ref_logps.update(local)
         return len(todo)
