@@ -14,14 +14,11 @@ Departures from the papers, and why:
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from ..callbacks.hooks import call_rollout_hook, reward_callbacks, step_stats
 from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, micro_batch_weights, token_logprobs
@@ -143,39 +140,13 @@ class GRPOModule(PolicyModule):
         per_batch = self.optimizer_steps_per_batch(prompts) if prompts else 1
         return int(trainer.estimated_stepping_batches) * per_batch
 
-    # ---------------------------------------------------------- progress bar
-    # Lightning's training bar counts batches but takes its total from ``max_steps - global_step``
-    # (one optimizer step per batch): with 2 updates per batch a run would end at "150/300". The
-    # bar's count is the batch index in the epoch (continued on a mid-epoch resume, where no
-    # ``on_train_epoch_start`` runs), so the total is set in those terms, after the bar set its own.
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        self._correct_progress_bar_total(done=0)
+    def configure_callbacks(self):
+        """The step's bookkeeping, kept out of the algorithm: the progress bar counted in rollout
+        batches, and the table of sample completions."""
+        from ..callbacks.completions import CompletionsTable
+        from ..callbacks.progress import RolloutBatchProgress
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        self._correct_progress_bar_total(done=batch_idx + 1)
-
-    def _correct_progress_bar_total(self, done: int) -> None:
-        """Set the training bar's total to ``done`` + the rollout batches ``max_steps`` leaves, at
-        most the epoch's batches; for Lightning's TQDM and Rich bars (others are left alone)."""
-        trainer = self.trainer
-        bar = trainer.progress_bar_callback
-        prompts = getattr(trainer.train_dataloader, "batch_size", None)  # per device
-        if bar is None or trainer.max_steps is None or trainer.max_steps < 0 or not prompts:
-            return
-        left = math.ceil(max(trainer.max_steps - trainer.global_step, 0) / self.optimizer_steps_per_batch(prompts))
-        total = min(trainer.num_training_batches, done + left)
-        if isinstance(bar, TQDMProgressBar):
-            if bar.train_progress_bar.total != total:
-                bar.train_progress_bar.total = total
-                bar.train_progress_bar.refresh()  # a no-op on a disabled bar
-        elif isinstance(bar, RichProgressBar):
-            if bar.progress is not None and bar.train_progress_bar_id is not None:  # None: disabled, or not shown yet
-                bar.progress.update(bar.train_progress_bar_id, total=total)
-                bar.refresh()
-        else:
-            log.debug("%s counts optimizer steps, not rollout batches: its total is left as it is", type(bar).__name__)
+        return [RolloutBatchProgress(), CompletionsTable(self.hparams.table_every_n_steps, self.hparams.table_rows)]
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch, batch_idx):
@@ -208,9 +179,7 @@ class GRPOModule(PolicyModule):
         if self._logging_step():  # ~40 metrics: Lightning's per-key bookkeeping is not free at small steps
             self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, batch_size=len(rollouts))
         self.log("reward", reward, prog_bar=True, batch_size=len(rollouts))
-        self.last_rollouts = rollouts
-        if hp.table_every_n_steps and self.global_step % hp.table_every_n_steps == 0:
-            self._write_table(rollouts)
+        self.last_rollouts = rollouts  # read by CompletionsTable (and tests) after the step
 
     def _logging_step(self) -> bool:
         """Whether this step's metrics are logged: every ``trainer.log_every_n_steps`` rollout
@@ -294,29 +263,3 @@ class GRPOModule(PolicyModule):
                 "in the strategy's DeepSpeed config (a key of DeepSpeed 0.19), else each backward is reduced and "
                 "stepped as its own boundary. Set it, or set micro_batch_size to 0."
             )
-
-    # ---------------------------------------------------------------- tables
-    def _write_table(self, r: Rollouts):
-        rows = min(self.hparams.table_rows, len(r))
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        path = log_dir / "completions.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        names = list(r.rewards)
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["step", "id", "question", "answer", "completion", *names, "reward", "advantage"])
-            for i in range(rows):
-                rec = r.records[i]
-                w.writerow([
-                    self.global_step, rec.get("id"), rec.get("question"), rec.get("answer"), r.completions[i],
-                    *[f"{float(r.rewards[k][i]):.3f}" for k in names],
-                    f"{float(r.reward[i]):.3f}", f"{float(r.advantages[i]):.3f}",
-                ])
-        for logger in self.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_text"):
-                md = "\n".join(f"| {r.records[i].get('answer')} | `{r.completions[i]}` | {float(r.reward[i]):.2f} |"
-                               for i in range(rows))
-                exp.add_text("completions", "| answer | completion | reward |\n|---|---|---|\n" + md, self.global_step)
