@@ -88,29 +88,11 @@ class PolicyModule(L.LightningModule):
     def configure_model(self):
         """Build the policy if ``__init__`` deferred it (``defer_init``); a no-op once it exists.
 
-        Idempotent: Lightning calls this hook at the start of every ``fit`` / ``validate`` /
-        ``test`` / ``predict`` and in ``load_from_checkpoint``, so a second call keeps the
-        model it has (with its trained weights). Outside a Trainer it simply builds the policy.
-
-        Under DeepSpeed ZeRO stage 3 it first creates ``transformers.integrations.HfDeepSpeedConfig``
-        from the strategy's config and keeps it on the module (``_hf_ds_config``) until
-        ``teardown``. Why, although Lightning already partitions: ``_call_configure_model``
-        (``lightning/pytorch/trainer/call.py``) runs this hook inside
-        ``strategy.model_sharded_context()``, which for ``DeepSpeedStrategy`` is
-        ``deepspeed.zero.Init(enabled=zero_stage_3, config_dict_or_path=strategy.config)``: every
-        module *constructed* in it has its parameters partitioned at the end of its ``__init__``.
-        That suits a model built from scratch, not a checkpoint load. transformers decides how
-        ``from_pretrained`` builds and fills the model from ``is_deepspeed_zero3_enabled()`` alone
-        (``PreTrainedModel.get_init_context``, ``modeling_utils.py``), which reads a module-level
-        *weak* reference that only ``HfDeepSpeedConfig(...)`` sets, and Lightning never creates
-        one. With it, transformers builds under its own ``zero.Init`` (nested in Lightning's) and
-        loads the checkpoint with ``_load_state_dict_into_zero3_model`` (``integrations/deepspeed.py``):
-        module by module, parameters gathered, values copied on rank 0 only (the other ranks map the
-        checkpoint to ``meta``), then re-partitioned. Without it, transformers builds on the meta
-        device and copies the checkpoint as if nothing were partitioned, i.e. into the empty local
-        slices. Being a weak reference, the object must stay referenced, hence the attribute. It also
-        makes ``generate`` default to ``synced_gpus=True`` under ZeRO-3 with several ranks
-        (``GenerationMixin.generate``), so a rank that finishes early keeps joining the all-gathers.
+        Lightning calls this hook at the start of every ``fit`` / ``validate`` / ``test`` /
+        ``predict``, inside DeepSpeed's ``zero.Init`` under ZeRO-3. There it first keeps a
+        ``transformers.integrations.HfDeepSpeedConfig`` alive on the module (until ``teardown``), so
+        that ``from_pretrained`` loads the checkpoint into partitioned parameters and ``generate``
+        syncs ranks. Why both are needed: docs/scale.md, "Loading at 38B".
         """
         ds_config = deepspeed_zero3_config(self._trainer)
         if ds_config is not None and self._hf_ds_config is None:
