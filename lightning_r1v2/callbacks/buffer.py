@@ -1,41 +1,14 @@
 """The Selective Sample Buffer (SSB) of Skywork R1V2 (arXiv 2504.16656), after VL-Rethinker's
 Selective Sample Replay (arXiv 2504.08837).
 
-When every response of a group gets the same reward, every advantage of the group is 0 and the
-group gives no gradient ("vanishing advantages"). The buffer keeps the samples that did carry a
-signal (|A| > eps) and, at later steps, puts them back into the batch in place of zero-advantage
-rows, drawing buffered sample j with
+A group whose responses all get the same reward has zero advantages and gives no gradient. The
+buffer keeps the rows that carried a signal (|A| > eps) and, at later steps, replays them in place
+of zero-advantage rows, drawing buffered row j with P(j) = |A_j|^alpha / sum_k |A_k|^alpha.
+Replayed rows keep their stored advantages and old log-probs (the clipped ratio sees their
+staleness), get ``from_buffer = True`` and group ids of their own. The buffer is per rank.
 
-    P(j) = |A_j|^alpha / sum_k |A_k|^alpha.
-
-Departures from the papers (which publish neither buffer size, alpha nor re-injection ratio), and why:
-
-- Every effective row of the batch is kept (R1V2); VL-Rethinker instead keeps a |A|-weighted half.
-  Only zero-advantage rows are replaced, ``round(refill_share * n_zero)`` of them (half up); the
-  others stay: they give no gradient but keep the batch size and its meaning.
-- Draws are WITHOUT replacement when the buffer holds at least as many drawable samples as are
-  needed, else with replacement (a small buffer may then replay one sample twice in a step).
-  Replayed samples stay in the buffer (as VL-Rethinker's never-cleared deque) until they age out
-  (``max_age``), are pushed out by newer ones (``capacity``, oldest first) or the epoch ends
-  (``clear_every_epoch``).
-- Replayed rows keep their stored advantages (not renormalised over the buffer, as VL-Rethinker)
-  and their stored ``old_logprobs`` / ``ref_logprobs``. They are off-policy: ``old_logprobs`` come
-  from the policy that sampled them, so the clipped ratio pi_theta / pi_old sees the staleness and
-  clips it, as in VL-Rethinker. (If the module leaves the batch's ``old_logprobs`` as None and fills
-  them later with the current policy, that correction is lost for replayed rows.)
-- Rows flagged ``dropped`` count as zero-advantage rows (they are out of the loss) and are never
-  buffered.
-- Ages count ``trainer.global_step`` (optimizer steps); without a trainer, calls of the hook.
-
-Replayed rows are marked ``from_buffer = True`` and get negative ``group_ids`` below every id of
-the batch, one id per (step stored, original group), so they never merge with this step's groups.
-
-Distributed runs: the buffer is per rank (each rank buffers and replays its own rows, no
-communication during training; each rank draws from its own stream, seed + rank). Lightning
-writes the checkpoint from rank 0 only, so ``state_dict`` gathers every rank's buffer and
-generator state to it (``all_gather_object``: Lightning calls ``state_dict`` on every rank when
-it saves) and ``load_state_dict`` gives each rank its own part back. Resumed with a different
-number of ranks, a rank without a saved part starts from an empty buffer (logged).
+Departures from the papers (which publish neither buffer size, alpha nor re-injection ratio), and
+the distributed and checkpoint details: docs/components.md, "The Selective Sample Buffer".
 """
 from __future__ import annotations
 

@@ -1,45 +1,13 @@
 """R1V3's checkpoint-selection signal: the entropy of critical reasoning tokens (arXiv 2507.06167).
 
-R1V3 reports that the entropy of the policy's next-token distribution at the positions where a
-chain of thought turns ("Wait", "Alternatively", "But", ...) correlates with MMMU accuracy, and
-uses it to pick checkpoints; it also tracks the share of high-entropy tokens (> 6.8 nats).
+On a fixed probe set (the first ``num_prompts`` prompts of ``data_file``, one completion each,
+fixed seed, forked RNG), the entropy H_t = -sum_v p(v | x, y_<t) log p(v | x, y_<t) of the
+distribution that chose each completion token is aggregated over the positions whose token is a
+critical one ("Wait", "Alternatively", "But", ..., optionally ``</think>``). Logged as
+``entropy/critical_mean`` (``ModelCheckpoint(monitor=..., mode="max")`` can select on it),
+``entropy/critical_count``, ``entropy/mean`` and ``entropy/high_share``.
 
-The callback measures it on a fixed probe set: the first ``num_prompts`` prompts of
-``data_file``, one completion each, sampled with a fixed seed (so two checkpoints are compared on
-the same prompts and the same random stream). A forward pass over prompt + completion gives, at
-every completion position t, the entropy (nats) of the distribution that chose token t:
-
-    H_t = -sum_v p(v | x, y_<t) log p(v | x, y_<t)
-
-Position t is *critical* when the token chosen there, y_t, is a critical token: the entropy is
-that of the moment the policy decides to turn. The signal is an aggregate (mean by default) of
-H_t over the critical positions of all probe completions.
-
-Departures from the paper (which publishes neither the token list nor the aggregation), and why:
-
-- Critical tokens are matched one token at a time: an entry of ``tokens`` matches (a) the token
-  whose string is exactly that entry (any token string works, e.g. ``</think>``, ``ĠWait``) and
-  (b) every token that decodes, stripped and lower-cased, to the entry. A word the tokenizer
-  splits into several tokens (``However`` in the tiny vocabulary) never matches; it is reported
-  once in the log.
-- ``include_think_end`` also counts the position where the policy emits ``</think>`` (the
-  decision to stop reasoning). Small models rarely say "Wait"; this keeps the signal defined.
-- When no critical position occurs, ``entropy/critical_mean`` is NaN (``ModelCheckpoint`` ranks
-  NaN as the worst value) and ``entropy/critical_count`` is 0.
-- The distribution is the sampled one: image/padding tokens the engine never samples are masked
-  out, and logits are divided by ``temperature``.
-- Sampling uses a forked RNG, so measuring does not change the training run's random stream.
-
-Logged keys (``pl_module.log``, so ``ModelCheckpoint(monitor="entropy/critical_mean", mode="max")``
-can select on it): ``entropy/critical_mean``, ``entropy/critical_count``, ``entropy/mean`` (over
-every completion token), ``entropy/high_share`` (share of completion tokens above
-``high_entropy_threshold``). In YAML::
-
-    - class_path: lightning_r1v2.callbacks.entropy.CriticalTokenEntropy
-      init_args: {every_n_steps: 50}
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {monitor: entropy/critical_mean, mode: max, every_n_train_steps: 50,
-                  filename: "step{step}-ent{entropy/critical_mean:.3f}", auto_insert_metric_name: false}
+Departures from the paper and a YAML example: docs/components.md, "Critical-token entropy".
 """
 from __future__ import annotations
 

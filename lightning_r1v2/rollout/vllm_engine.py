@@ -1,53 +1,7 @@
 """A colocated vLLM rollout engine: one ``vllm.LLM`` per training rank, weights pushed in place.
 
-Written against vLLM 0.33 (V1 engine; ``pip install 'lightning-r1v2[vllm]'``, which pins
-``vllm>=0.33,<0.34``: vLLM 0.11.1/0.11.2 declare ``transformers<5`` and 0.11.0 fails on
-transformers 5, while our pin is ``transformers>=5``). No vLLM could be run in this project (it
-does not install on its machines); the calls below were read against vLLM's source and are
-checked against a strict stand-in in ``tests/test_vllm_engine.py``. ``vllm`` is
-imported lazily inside methods only: importing this module, or parsing a YAML that names
-``lightning_r1v2.rollout.vllm_engine.VLLMEngine``, never imports vLLM.
-
-Same contract as ``HFGenerateEngine``: ``generate(module, batch, group_size) -> Rollouts``; the
-sampling settings have the same names, so a YAML ``engine`` block switches engines by changing
-only ``class_path``. One step, as calls to vLLM:
-
-  wake_up (weights) -> [push weights: load_weights, reset_prefix_cache] -> wake_up (kv_cache)
-  -> generate -> sleep(level=1)
-
-so the vLLM weights and KV cache leave the GPU while the policy trains (``enable_sleep_mode``).
-Weights are pushed before the first generation (the policy may come from ``init_ckpt``, not from
-``model_path``), then every ``sync_weights_every`` optimizer steps, the trainable parameters only.
-
-How it maps onto vLLM (0.33):
-- Colocation as TRL's ``vllm_mode="colocate"``: ``distributed_executor_backend="external_launcher"``
-  when the world size is > 1, which reuses the launcher's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``;
-  vLLM's tensor-parallel groups are blocks of ``tensor_parallel_size`` consecutive ranks, whose
-  members must submit identical requests, so prompts are all-gathered within the block and each
-  rank keeps its own rows. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in the
-  training process, so weights are handed over as tensors, never serialised.
-- Prompts are ``{"prompt": chat-template text, "multi_modal_data": {"image": PIL or [PIL]}}``; one
-  request per prompt with ``SamplingParams(n=G)``.
-- Old log-probs: ``logprobs=0`` returns the sampled token's log-prob; ``logprobs_mode=
-  "processed_logprobs"`` makes it the log-prob after token blocking and temperature, the
-  distribution ``GRPOModule.sequence_logprobs`` scores (with ``top_p=1``, ``top_k=0``; vLLM's
-  processed log-probs also include top-p/top-k truncation, which the training forward does not).
-- Image placeholders and padding are forbidden by ``bad_words`` (``blocked_token_ids``), as the HF
-  engine's ``suppress_tokens``.
-- Weight names: vLLM's ``model.load_weights(iterable of (name, tensor))`` takes checkpoint names
-  and applies its own renames and fusions (``hf_to_vllm_mapper``, q/k/v -> qkv_proj). The policy is
-  loaded with transformers from the same folder, so its ``named_parameters()`` names are that
-  folder's checkpoint names (transformers >= 5 ``InternVLForConditionalGeneration``:
-  ``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``model.language_model.*``,
-  ``lm_head.weight``), which vLLM's HF-layout InternVL loader accepts. No renaming is done by
-  default; ``weight_name_map`` renames prefixes when the vLLM folder uses another layout.
-
-Departures from TRL, and why:
-- The first push happens before the first rollout (TRL syncs only after an update), because the
-  policy may start from an earlier stage's checkpoint that the vLLM folder does not hold.
-- Prompt token ids from vLLM are checked against the processor's: the training forward pairs the
-  processor's ``pixel_values`` with the prompt, so a different image-token count would otherwise
-  fail later as "image features and image tokens do not match" (EasyR1 110, verl 3469).
+Details (how each call maps onto vLLM, departures from TRL, what could not be run here):
+docs/components.md, "The vLLM engine".
 """
 from __future__ import annotations
 
