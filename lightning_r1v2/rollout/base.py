@@ -6,6 +6,8 @@ any engine with these two is usable from YAML by ``class_path``.
 """
 from __future__ import annotations
 
+import torch
+
 from .types import Rollouts
 
 
@@ -44,3 +46,34 @@ class RolloutEngine:
         per-token log-probs when the engine can record them (else None: the module computes them).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement generate(module, batch, group_size)")
+
+
+def rollouts_from_samples(batch: dict, group_size: int, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                          truncated, old_logprobs, io) -> Rollouts:
+    """The ``Rollouts`` of ``group_size`` samples per prompt of ``batch``, from an engine's tensors.
+
+    Every engine ends the same way: texts decoded (stop tokens and padding dropped, ``<think>``
+    kept), records, media and per-token inputs repeated ``G`` times in row order (a group's rows
+    share its media dict), group ids, and the behaviour log-probs zeroed outside the mask.
+    """
+    from .hf_engine import decode_completions
+
+    G = group_size
+    if old_logprobs is not None:
+        old_logprobs = old_logprobs.masked_fill(completion_mask == 0, 0.0)  # [N, C]
+    token_inputs = {k: v.to(prompt_ids.device).repeat_interleave(G, dim=0)
+                    for k, v in batch.get("token_inputs", {}).items()}
+    return Rollouts(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        media=[m for m in batch["media"] for _ in range(G)],
+        completions=decode_completions(io.tokenizer, completion_ids, completion_mask, io),
+        records=[r for r in batch["records"] for _ in range(G)],
+        group_ids=torch.arange(len(batch["records"]), device=prompt_ids.device).repeat_interleave(G),  # [N]
+        group_size=G,
+        old_logprobs=old_logprobs,
+        truncated=truncated,
+        token_inputs=token_inputs,
+    )

@@ -17,7 +17,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..utils.distributed import deepspeed_zero3_config, world_and_rank
-from .base import RolloutEngine
+from .base import RolloutEngine, rollouts_from_samples
 from ..models.inputs import policy_io
 from .types import Rollouts
 
@@ -92,7 +92,6 @@ class HFGenerateEngine(RolloutEngine):
         """``G`` samples for each prompt of ``batch`` (a ``PromptCollator`` batch)."""
         model, processor = module.model, module.processor
         io = policy_io(processor)
-        tok = processor.tokenizer
         G = group_size
         device = module.device
         input_ids = batch["input_ids"].to(device).repeat_interleave(G, dim=0)  # [N, P]
@@ -128,26 +127,9 @@ class HFGenerateEngine(RolloutEngine):
         P = input_ids.shape[1]
         completion_ids = out[:, P:]  # [N, C]
         completion_mask, truncated = completion_mask_from_eos(completion_ids, io.stop_ids)
-        old_logprobs = None
-        if recorder is not None:
-            old_logprobs = recorder.finish(completion_ids[:, -1]).masked_fill(completion_mask == 0, 0.0)  # [N, C]
-        texts = decode_completions(tok, completion_ids, completion_mask, io)
-        records = [r for r in batch["records"] for _ in range(G)]
-        group_ids = torch.arange(len(batch["records"]), device=device).repeat_interleave(G)  # [N]
-        return Rollouts(
-            prompt_ids=input_ids,
-            prompt_mask=attention_mask,
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
-            media=row_media,
-            completions=texts,
-            records=records,
-            group_ids=group_ids,
-            group_size=G,
-            old_logprobs=old_logprobs,
-            truncated=truncated,
-            token_inputs=token_inputs,
-        )
+        old_logprobs = recorder.finish(completion_ids[:, -1]) if recorder is not None else None  # [N, C]
+        return rollouts_from_samples(dict(batch, media=media), G, input_ids, attention_mask, completion_ids,
+                                     completion_mask, truncated, old_logprobs, io)
 
 
     def cache_kind(self, device) -> str:

@@ -13,9 +13,9 @@ import torch
 
 from ..data.collate import load_images, prompt_text
 from ..utils.distributed import deepspeed_zero3_config
-from .base import RolloutEngine
+from .base import RolloutEngine, rollouts_from_samples
 from ..models.inputs import policy_io
-from .hf_engine import completion_mask_from_eos, decode_completions
+from .hf_engine import completion_mask_from_eos
 from .types import Rollouts
 
 log = logging.getLogger("lightning_r1v2.rollout")
@@ -295,7 +295,6 @@ class VLLMEngine(RolloutEngine):
 
     def _rollouts(self, outs, batch: dict, G: int, processor) -> Rollouts:
         io = policy_io(processor)
-        tok = processor.tokenizer
         pad = io.pad_id
         prompt_rows, comp_rows, lp_rows, truncated = [], [], [], []
         for i, out in enumerate(outs):
@@ -328,23 +327,9 @@ class VLLMEngine(RolloutEngine):
         completion_mask, _ = completion_mask_from_eos(completion_ids, io.stop_ids)
         lengths = torch.tensor([len(r) for r in comp_rows])  # on CPU: moved by generate; [N]
         completion_mask = completion_mask * (torch.arange(C)[None, :] < lengths[:, None]).long()  # on CPU: moved by generate; [N, C]
-        old_logprobs = old_logprobs.masked_fill(completion_mask == 0, 0.0)
-        texts = decode_completions(tok, completion_ids, completion_mask, io)
-        records = [r for r in batch["records"] for _ in range(G)]
-        return Rollouts(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
-            media=[m for m in batch["media"] for _ in range(G)],  # each row its record's media, as the HF engine
-            completions=texts,
-            records=records,
-            group_ids=torch.arange(len(batch["records"])).repeat_interleave(G),  # on CPU: moved by generate; [N]
-            group_size=G,
-            old_logprobs=old_logprobs,
-            truncated=torch.tensor(truncated, dtype=torch.bool),  # on CPU: moved by generate
-            token_inputs={k: v.repeat_interleave(G, dim=0) for k, v in batch.get("token_inputs", {}).items()},
-        )
+        truncated = torch.tensor(truncated, dtype=torch.bool)  # on CPU: moved by generate
+        return rollouts_from_samples(batch, G, prompt_ids, prompt_mask, completion_ids, completion_mask, truncated,
+                                     old_logprobs, io)
 
 
 def _mm_prompt(processor, record: dict, weights_version: int = 0) -> dict:
