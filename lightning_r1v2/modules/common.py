@@ -210,7 +210,10 @@ class PolicyModule(L.LightningModule):
         the first stop token, padding dropped)."""
         from ..rollout.hf_engine import completion_mask_from_eos, decode_completions
 
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
         io = policy_io(self.processor)
+        batch = move_data_to_device(batch, self.device)  # the evaluate job collates on the CPU
         inputs = self.model_inputs(batch)
         inputs.pop("position_ids", None)  # generate numbers them (as the scoring pass does)
         out = self.model.generate(
