@@ -88,24 +88,65 @@ def load_module(ckpt_path: str, map_location: str = "cpu"):
     return cls.load_from_checkpoint(str(path), map_location=map_location)
 
 
-def export(ckpt_path: str, out: str, dtype: str | None = None) -> str:
+def export(ckpt_path: str, out: str, dtype: str | None = None, merge: bool = True) -> str:
     """Write the policy of a checkpoint as a Hugging Face folder that loads with ``from_pretrained``.
 
     Args:
         ckpt_path: A ``.ckpt`` written by ``cli.py fit``, or a DeepSpeed checkpoint folder.
         out: Output folder (created).
         dtype: Cast the weights before saving (e.g. ``bfloat16``); None keeps them.
+        merge: For a LoRA policy: merge the adapters into the weights (one ordinary folder), or
+            write ``out/base`` (the base model, as loaded with ``init_ckpt``) and ``out/adapter``
+            (a PEFT folder: ``PeftModel.from_pretrained(AutoModelForImageTextToText
+            .from_pretrained(out/base), out/adapter)``).
     """
     module = load_module(ckpt_path)
     model = module.model
+    name = getattr(module, "model_name", "tiny")  # the policy's source folder (the module loaded from it)
+    source = Path(name) if name != "tiny" else None
+    if getattr(module, "lora", None) is not None:
+        _export_lora(module, Path(out), dtype, merge, source)
+        print(f"export: wrote the LoRA policy of {ckpt_path} to {out} ({'merged' if merge else 'base + adapter'})")
+        return out
     if dtype:
         model = model.to(getattr(torch, dtype))
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    name = getattr(module, "model_name", "tiny")  # the policy's source folder (the module loaded from it)
-    save_processor(module.processor, out, Path(name) if name != "tiny" else None)
+    save_processor(module.processor, out, source)
     print(f"export: wrote model and processor of {ckpt_path} to {out}")
     return out
+
+
+def _export_lora(module, out: Path, dtype: str | None, merge: bool, source: Path | None) -> None:
+    from ..models.lora import is_lora_param, lora_config, merged_state_dict
+
+    model = module.model
+    base = type(model)(model.config)  # the architecture without adapters
+    if merge:
+        base.load_state_dict(merged_state_dict(model))
+        folder = out
+    else:
+        base.load_state_dict({k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+                              if not is_lora_param(k)})
+        folder = out / "base"
+    base.generation_config = model.generation_config
+    if dtype:
+        base = base.to(getattr(torch, dtype))
+    folder.mkdir(parents=True, exist_ok=True)
+    base.save_pretrained(folder)
+    save_processor(module.processor, folder, source)
+    if not merge:  # a PEFT adapter folder, named as PeftModel names its parameters
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        cfg = lora_config(base, module.lora)  # the targets, found on the base architecture
+        cfg.base_model_name_or_path = str(folder.resolve())
+        adapter = out / "adapter"
+        adapter.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(str(adapter))
+        state = get_peft_model_state_dict(model)
+        save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
+                  str(adapter / "adapter_model.safetensors"))
 
 
 # Sub-processor: (its key in processor_config.json, its legacy file of its own, its type key).

@@ -161,19 +161,20 @@ def part_params(model: nn.Module, family=None) -> dict[str, list[tuple[str, nn.P
     return found
 
 
-def set_trainable(model: nn.Module, trainable: list[str] | tuple[str, ...]) -> dict[str, int]:
+def set_trainable(model: nn.Module, trainable: list[str] | tuple[str, ...], allow_none: bool = False) -> dict[str, int]:
     """Freeze every parameter outside the ``trainable`` parts; return parameter counts.
 
     ``trainable`` is a subset of ``("vision", "connector", "llm")`` (R1V2 Table 4: connector only
     gave the released model; R1V3 ends with a connector-only stage). Tied embeddings follow the LLM.
+    LoRA adapter parameters always train; with ``allow_none`` (LoRA) ``trainable`` may be empty.
     """
     bad = [p for p in trainable if p not in PARTS]
-    if bad or not trainable:
+    if bad or (not trainable and not allow_none):
         raise ValueError(f"trainable must be a non-empty subset of {list(PARTS)}, got {list(trainable)}")
     parts = part_params(model)
     for part, named in parts.items():
-        for _, p in named:
-            p.requires_grad_(part in trainable)
+        for name, p in named:  # LoRA adapters (models/lora.py) always train
+            p.requires_grad_(part in trainable or ".lora_A." in name or ".lora_B." in name)
     counts = {"trainable": 0, "frozen": 0}
     for p in model.parameters():
         counts["trainable" if p.requires_grad else "frozen"] += param_numel(p)  # full counts under ZeRO-3 too

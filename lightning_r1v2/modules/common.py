@@ -39,7 +39,12 @@ class PolicyModule(L.LightningModule):
         seed: Init seed of the embedded default.
         eval_max_new_tokens: Generation length for held-out evaluation.
         gradient_checkpointing: Recompute activations in the backward pass (memory for time).
-        init_ckpt: Start from the policy weights of this Lightning checkpoint (an earlier stage's).
+        init_ckpt: Start from the policy weights of this Lightning checkpoint (an earlier stage's; a
+            LoRA checkpoint is merged into the weights first).
+        lora: LoRA adapters (``models/lora.py``: ``r``, ``alpha``, ``dropout``, ``parts``,
+            ``target_modules``); then ``trainable`` lists the parts trained in full besides the
+            adapters (``[]``: adapters only). The reference policy is the model with adapters off,
+            checkpoints hold the trained tensors only, ``export`` merges or writes a PEFT folder.
         defer_init: Build the policy in ``configure_model`` instead of here. Lightning calls that
             hook at the start of ``fit`` / ``validate`` / ``test`` / ``predict`` (and
             ``load_from_checkpoint`` calls it too); under DeepSpeed ZeRO-3 the weights are then
@@ -66,11 +71,23 @@ class PolicyModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         init_ckpt: str | None = None,
         defer_init: bool | None = None,
+        lora: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model_name = model
         self.trainable = list(trainable)
+        self.lora = None
+        if lora is not None:
+            from ..models.lora import LoraSettings
+
+            self.lora = LoraSettings(**lora)
+            both = sorted(set(self.trainable) & set(self.lora.parts))
+            if both:
+                raise ValueError(f"parts {both} are both trained in full (trainable) and adapted (lora.parts); with "
+                                 f"LoRA, `trainable` lists the parts trained in full besides the adapters: set "
+                                 f"`trainable: []` to train the adapters only")
+            self.strict_loading = False  # a LoRA checkpoint holds the trained tensors only
         self.defer_init = (model != "tiny") if defer_init is None else bool(defer_init)
         self.model = None
         self.param_counts: dict[str, int] = {}
@@ -111,7 +128,11 @@ class PolicyModule(L.LightningModule):
 
     def _build(self):
         model = self._load_model()
-        self.param_counts = set_trainable(model, self.trainable)
+        if self.lora is not None:
+            from ..models.lora import add_lora
+
+            add_lora(model, self.lora, seed=self.hparams.seed)
+        self.param_counts = set_trainable(model, self.trainable, allow_none=self.lora is not None)
         if self.hparams.gradient_checkpointing:
             model.activation_checkpointing_enable()
         # ``from_pretrained`` returns the model in eval mode, and Lightning (2.2+) keeps submodules'
@@ -137,6 +158,10 @@ class PolicyModule(L.LightningModule):
         time (``model`` and ``init_ckpt``), partitioned the same way; call it from
         ``configure_model`` (inside Lightning's ``zero.Init``) and before the first update.
         """
+        if self.lora is not None:  # the base policy: the same weights with the adapters off
+            from ..models.lora import AdaptersOff
+
+            return AdaptersOff(self.model)
         ref = self._load_model() if is_zero3_partitioned(self.model) else copy.deepcopy(self.model)
         return ref.eval().requires_grad_(False)
 
@@ -161,6 +186,11 @@ class PolicyModule(L.LightningModule):
         cls = type(self)
         checkpoint["r1v2_module_class"] = f"{cls.__module__}.{cls.__qualname__}"
         save_rng_states(checkpoint)  # every rank's (collective: Lightning calls this hook on all ranks)
+        if self.lora is not None and "state_dict" in checkpoint:  # the trained tensors and where the rest is
+            trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+            checkpoint["r1v2_lora"] = {"base": self.model_name, "init_ckpt": self.hparams.init_ckpt,
+                                       "settings": dict(self.hparams.lora)}
 
     def on_load_checkpoint(self, checkpoint):
         # restored in on_train_start: after Lightning's seeding, set-up and first ``iter(loader)``
@@ -267,8 +297,11 @@ def load_policy_weights(model, ckpt_path: str) -> None:
                          "file (docs/scale.md 'Resuming')")
     partitioned = is_zero3_partitioned(model)
     # mmap under ZeRO-3: every rank opens the file, only rank 0 reads the values it copies
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=partitioned)["state_dict"]
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=partitioned)
+    state = ckpt["state_dict"]
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if "r1v2_lora" in ckpt:  # adapters (and fully trained parts) over a base: merge them into the weights
+        weights = _merged_lora_weights(model, ckpt["r1v2_lora"], weights, ckpt_path)
     if partitioned:
         missing, unexpected = load_into_zero3(model, weights, ckpt_path)
     else:
@@ -277,6 +310,31 @@ def load_policy_weights(model, ckpt_path: str) -> None:
     if missing or unexpected:
         raise ValueError(f"{ckpt_path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     log.info("loaded policy weights from %s", ckpt_path)
+
+
+def _merged_lora_weights(model, info: dict, trained: dict, source: str) -> dict:
+    """The full weights of a LoRA checkpoint: its base (``init_ckpt`` or the model as built), its
+    adapters and fully trained parts on top, every adapter merged into its layer."""
+    import copy
+
+    from ..models.lora import add_lora, merged_state_dict
+
+    if is_zero3_partitioned(model):
+        raise ValueError(f"{source}: a LoRA checkpoint as init_ckpt under ZeRO-3 is not supported; export it merged "
+                         "(`cli.py export --merge true`) and use that folder as `model`")
+    base = copy.deepcopy(model)
+    if info.get("init_ckpt"):
+        load_policy_weights(base, info["init_ckpt"])
+    add_lora(base, info["settings"])
+    missing = sorted(set(trained) - set(dict(base.named_parameters())))
+    if missing:
+        raise ValueError(f"{source}: LoRA checkpoint tensors the rebuilt model lacks: {missing[:5]}")
+    with torch.no_grad():
+        params = dict(base.named_parameters())
+        for k, v in trained.items():
+            params[k].copy_(v)
+    log.info("%s: LoRA adapters merged into the base weights", source)
+    return merged_state_dict(base)
 
 
 def load_into_zero3(model, weights: dict, source: str = "weights") -> tuple[list[str], list[str]]:

@@ -205,6 +205,13 @@ class VLLMEngine(RolloutEngine):
         the next, so at most one submodule is whole on a GPU at a time (every rank runs the same
         sequence of gathers: they are collectives).
         """
+        from ..models.lora import has_lora
+
+        if has_lora(module.model):
+            raise NotImplementedError(
+                "VLLMEngine cannot push a LoRA policy yet (vLLM's load_weights takes base weights; merged "
+                "weights or LoRA requests are not implemented): use HFGenerateEngine with lora, or train "
+                "without lora under vLLM")
         if trainable_only is None:
             trainable_only = self._synced_step is not None
         zero3 = _zero3_enabled(module)
