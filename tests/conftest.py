@@ -61,3 +61,21 @@ def _make_eos_likely(module, records, logit: float = 4.0) -> None:
 def make_eos_likely():
     """``make_eos_likely(module, records, logit=4.0)``: see ``_make_eos_likely``."""
     return _make_eos_likely
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tiny_data):
+    """8 pairs: the reference response vs. a wrong answer of a different length."""
+    import json
+
+    from lightning_r1v2.data.records import read_records
+
+    records, _ = read_records(tiny_data / "train.jsonl")
+    path = tiny_data / "mpo_pairs.jsonl"
+    with path.open("w") as f:
+        for i, rec in enumerate(records[:8]):
+            row = {k: rec[k] for k in ("id", "question", "answer")}
+            row.update(image=rec["image_rel"], pair_id=f"{rec['id']}/0", chosen=rec["response"],
+                       rejected="<think> red " + "9 " * (i % 3) + "</think> \\boxed{9}")
+            f.write(json.dumps(row) + "\n")
+    return path

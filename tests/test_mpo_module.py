@@ -1,29 +1,12 @@
 """MPOModule: log-probs of the joint forward pass, both references, delta and its checkpointing, a short fit."""
-import json
-
 import lightning as L
 import pytest
 import torch
 
 from lightning_r1v2.data.collate import SFTCollator
 from lightning_r1v2.data.pairs import PairCollator, PreferenceDataModule, read_pairs
-from lightning_r1v2.data.records import read_records
 from lightning_r1v2.losses import shift_for_causal_lm, token_logprobs
 from lightning_r1v2.modules import MPOModule
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tiny_data):
-    """8 pairs: the reference response vs. a wrong answer of a different length."""
-    records, _ = read_records(tiny_data / "train.jsonl")
-    path = tiny_data / "mpo_pairs.jsonl"
-    with path.open("w") as f:
-        for i, rec in enumerate(records[:8]):
-            row = {k: rec[k] for k in ("id", "question", "answer")}
-            row.update(image=rec["image_rel"], pair_id=f"{rec['id']}/0", chosen=rec["response"],
-                       rejected="<think> red " + "9 " * (i % 3) + "</think> \\boxed{9}")
-            f.write(json.dumps(row) + "\n")
-    return path
 
 
 def _separate_logps(module, records, key, processor):
