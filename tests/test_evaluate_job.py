@@ -33,7 +33,19 @@ def test_evaluate_module_scores_crafted_completions(tiny_data):
     assert abs(out["accuracy_letter_only"] - (n - wrong - text_boxed) / n) < 1e-9
     assert abs(out["format"] - (n - wrong) / n) < 1e-9  # "\boxed{nothing}" has no <think> block
     assert out["hallucination"] == 0.0  # every stated count is the annotation's
-    assert 0.0 <= majority_baseline(records, records) <= 1.0
+
+
+def test_majority_baseline_by_hand():
+    """Most common answer per question type in the reference: count -> "2" (2 of 3), colour -> "blue"
+    (2 of 3). Eval: count 2 (hit), count 3 (miss), colour blue (hit), colour red (miss), a type the
+    reference lacks (miss): 2 / 5."""
+    ref = [{"type": "count", "answer": a} for a in ("2", "2", "3")] + [
+        {"type": "colour", "answer": a} for a in ("red", "blue", "blue")]
+    ev = [{"type": "count", "answer": "2"}, {"type": "count", "answer": "3"}, {"type": "colour", "answer": "blue"},
+          {"type": "colour", "answer": "red"}, {"type": "compare", "answer": "yes"}]
+    assert majority_baseline(ev, ref) == 2 / 5
+    assert majority_baseline([{"answer": "a"}, {"answer": "b"}], [{"answer": "a"}] * 2 + [{"answer": "b"}]) == 1 / 2
+    assert majority_baseline([], ref) == 0.0
 
 
 def test_validation_logs_both_accuracies(tiny_data):
