@@ -243,3 +243,11 @@ def test_lr_follows_warmup_then_cosine_at_every_optimizer_step(tiny_data):
     _, rec = fit(tiny_data, steps=4, updates_per_batch=2, lr=lr, warmup_ratio=0.5, min_lr_ratio=0.2)
     got = [s["lr"] for s in rec.steps]
     assert got == pytest.approx([0.5 * lr, 1.0 * lr, 1.0 * lr, 0.6 * lr], rel=1e-9)
+
+
+def test_max_grad_norm_clips_the_gradient_the_optimizer_sees(tiny_data):
+    """The recorded gradient is the one handed to the optimizer: clipped to norm 1e-3 when larger."""
+    _, rec = fit(tiny_data, max_grad_norm=1e-3)
+    assert flat(rec.steps[0]["grads"]).norm() == pytest.approx(1e-3, rel=1e-3)
+    _, free = fit(tiny_data)
+    assert flat(free.steps[0]["grads"]).norm() > 1e-2  # so the clip did act

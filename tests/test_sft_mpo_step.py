@@ -95,12 +95,18 @@ def test_sft_lr_at_each_step(tiny_data):
     """4 steps, warmup_ratio 0.5 -> 2 warmup steps, floor 0.2: multipliers (s + 1) / 2 for s < 2,
     then 0.2 + 0.8 (1 + cos(pi (s - 2) / 2)) / 2: 0.5, 1.0, 1.0, 0.6."""
     lr = 2e-3
-    _, rec = _sft(tiny_data, 4, lr=lr, warmup_ratio=0.5, min_lr_ratio=0.2)
+    m, rec = _sft(tiny_data, 4, lr=lr, warmup_ratio=0.5, min_lr_ratio=0.2, weight_decay=0.1)
     assert rec.lrs == pytest.approx([0.5 * lr, lr, lr, 0.6 * lr], rel=1e-9)
+    # AdamW's weight decay reaches matrices only (not biases, norms): the groups of the optimizer
+    decay, no_decay = m.trainer.optimizers[0].param_groups
+    matrices = {id(p) for p in m.model.parameters() if p.requires_grad and p.dim() >= 2}
+    assert decay["weight_decay"] == 0.1 and {id(p) for p in decay["params"]} == matrices
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) > 0
+    assert not matrices & {id(p) for p in no_decay["params"]}
 
 
 # ------------------------------------------------------------------------------------------ MPO
-def mpo_loss_by_formula(m, batch, delta, beta=0.1, weights=(0.8, 0.2, 1.0)) -> torch.Tensor:
+def mpo_loss_by_formula(m, batch, delta, beta=0.1, weights=(0.8, 0.2, 1.0), gen_mean=True) -> torch.Tensor:
     """InternVL MPO (arXiv 2411.10442), per pair, then the batch mean:
 
     r_c = beta (log pi(y_c) - log pi_ref(y_c)),  r_r likewise
@@ -114,7 +120,7 @@ def mpo_loss_by_formula(m, batch, delta, beta=0.1, weights=(0.8, 0.2, 1.0)) -> t
     w_p, w_q, w_g = weights
     per_pair = (w_p * -F.logsigmoid(r_c - r_r)
                 + w_q * (-F.logsigmoid(r_c - delta) - F.logsigmoid(delta - r_r))
-                + w_g * (-logp[:B] / n_tok[:B]))
+                + w_g * (-logp[:B] / (n_tok[:B] if gen_mean else 1.0)))
     return per_pair.mean()
 
 
@@ -125,16 +131,21 @@ def _mpo(pairs_file, steps, **kw):
     return m, dm
 
 
-def test_mpo_step_lowers_the_batch_loss(pairs_file):
-    m, dm = _mpo(pairs_file, 1)
+def test_mpo_step_is_the_formulas_gradient_and_lowers_the_batch_loss(pairs_file):
+    """Default weights (0.8, 0.2, 1.0), beta 0.3 (not the default, so a hard-coded 0.1 shows), delta 0."""
+    m, dm = _mpo(pairs_file, 1, beta=0.3)
     rec = _fit(m, dm, 1)
     batch = rec.batches[0]
     trained = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    want = _grads_of(m.model, rec.params[0], lambda: mpo_loss_by_formula(m, batch, 0.0, beta=0.3))
+    assert _rel(rec.grads[0], want) < 1e-4
+    sum_nll = _grads_of(m.model, rec.params[0], lambda: mpo_loss_by_formula(m, batch, 0.0, beta=0.3, gen_mean=False))
+    assert _rel(sum_nll, want) > 0.05  # L_gen is the mean token NLL, not the sum
     with torch.no_grad():
         m.model.load_state_dict(rec.params[0], strict=False)
-        before = float(mpo_loss_by_formula(m, batch, delta=0.0))
+        before = float(mpo_loss_by_formula(m, batch, delta=0.0, beta=0.3))
         m.model.load_state_dict(trained, strict=False)
-        after = float(mpo_loss_by_formula(m, batch, delta=0.0))
+        after = float(mpo_loss_by_formula(m, batch, delta=0.0, beta=0.3))
     assert after < before - 1e-3, (before, after)
 
 
