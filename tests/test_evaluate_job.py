@@ -62,3 +62,13 @@ def test_validation_logs_both_accuracies(tiny_data):
     m.validation_step({"records": choice}, 0)
     assert float(logged["val/accuracy"].compute()) == 1.0
     assert float(logged["val/accuracy_letter_only"].compute()) == 0.5
+
+
+def test_clean_completion_cuts_at_the_end_of_turn(processor):
+    """What follows the first end-of-turn token (a second answer, padding) is not scored."""
+    from lightning_r1v2.modules.common import clean_completion
+
+    tok = processor.tokenizer
+    text = f"<think> red 2 </think> \\boxed{{2}}{tok.eos_token} \\boxed{{3}}{tok.eos_token}{tok.pad_token}{tok.pad_token}"
+    assert clean_completion(text, tok) == "<think> red 2 </think> \\boxed{2}"
+    assert clean_completion(f"\\boxed{{2}}{tok.pad_token}", tok) == "\\boxed{2}"

@@ -21,6 +21,7 @@ log-probs come from the module's ``sequence_logprobs`` (its forward pass is test
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 
@@ -70,7 +71,7 @@ class Recorder(RolloutHooks):
         })
 
 
-def fit(tiny_data, *, steps=1, reward=parity_reward, on_error="zero", perturb_ref=False, eos=None, **kw):
+def fit(tiny_data, *, steps=1, reward=parity_reward, on_error="zero", perturb_ref=False, eos=None, hooks=(), **kw):
     """A GRPO run of ``steps`` optimizer steps on 2 prompts x G samples; ``eos``: ``make_eos_likely`` first."""
     torch.manual_seed(0)
     kw = {"lr": 1e-3, "warmup_ratio": 0.0, "max_grad_norm": 0.0, "table_every_n_steps": 0, **kw}
@@ -87,7 +88,7 @@ def fit(tiny_data, *, steps=1, reward=parity_reward, on_error="zero", perturb_re
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[RewardCallback(reward, name="r", on_error=on_error, max_failure_share=1.0), rec],
+        callbacks=[RewardCallback(reward, name="r", on_error=on_error, max_failure_share=1.0), *hooks, rec],
     )
     trainer.fit(m, dm)
     return m, rec
@@ -251,3 +252,29 @@ def test_max_grad_norm_clips_the_gradient_the_optimizer_sees(tiny_data):
     assert flat(rec.steps[0]["grads"]).norm() == pytest.approx(1e-3, rel=1e-3)
     _, free = fit(tiny_data)
     assert flat(free.steps[0]["grads"]).norm() > 1e-2  # so the clip did act
+
+
+class ForgetBehaviourLogprobs(RolloutHooks):
+    """An engine that records no sampling log-probs (``old_logprobs`` None), as some do."""
+
+    def on_advantages(self, trainer, pl_module, rollouts):
+        return dataclasses.replace(rollouts, old_logprobs=None)
+
+
+def test_without_sampling_logprobs_the_module_scores_the_behaviour_policy_once(tiny_data):
+    """Two passes and no ``old_logprobs`` from the engine: the module scores the rows under the policy
+    before the first pass, and the second pass's ratio is against those, not against itself (1)."""
+    m, rec = fit(tiny_data, steps=2, updates_per_batch=2, lr=1e-2, clip_eps=0.1, hooks=[ForgetBehaviourLogprobs()])
+    rows = rec.rollouts[0]
+    assert len(rec.steps) == 2
+    mask = rows.completion_mask.float()
+    adv = advantages(rewards_of(rows), True)
+    with torch.no_grad():
+        m.model.load_state_dict(rec.steps[0]["params"], strict=False)
+        behaviour, _ = m.sequence_logprobs(m.model, rows)
+    step = rec.steps[1]
+    want = grad_by_formula(m, step["params"], rows, old=behaviour, adv=adv, mask=mask, eps=0.1)
+    on_policy = grad_by_formula(m, step["params"], rows, old=None, adv=adv, mask=mask, eps=0.1)
+    got = flat(step["grads"])
+    assert rel(got, want) < 1e-4
+    assert rel(on_policy, want) > 0.05

@@ -173,3 +173,11 @@ def test_mpo_reads_delta_before_updating_it(pairs_file):
     late = _grads_of(m.model, rec.params[0], lambda: mpo_loss_by_formula(m, batch, updated, weights=w))
     assert _rel(rec.grads[0], want) < 1e-4
     assert _rel(late, want) > 0.02
+
+
+def test_mpo_reference_stays_in_eval_mode():
+    """The reference never drops out: ``train()`` (Lightning calls it at fit start) leaves it in eval mode."""
+    m = MPOModule()
+    m.train()
+    assert m.model.training and not m.ref_model.training
+    assert not any(mod.training for mod in m.ref_model.modules())
