@@ -67,7 +67,8 @@ TESTS = {
     "rewards/callback.py": ["tests/test_reward_callback.py", "tests/test_bad_inputs.py"],
     "rewards/reward_model.py": ["tests/test_reward_model.py"],
     "utils/checkpoint.py": ["tests/test_rng_streams.py", "tests/test_resume.py::test_atomic_io_keeps_the_old_file_when_a_write_fails",
-                            "tests/test_resume.py::test_stale_partial_files_of_dead_processes_are_removed"],
+                            "tests/test_resume.py::test_stale_partial_files_of_dead_processes_are_removed",
+                            "tests/test_resume.py::test_partial_files_of_live_processes_are_kept"],
     "data/records.py": ["tests/test_records.py", "tests/test_bad_inputs.py", "tests/test_edge_tables.py"],
 }
 
@@ -230,6 +231,12 @@ MUTATIONS = [
       "columns win over the configured kwargs"),
     M("callbacks/hallucination.py", "if self.streaks[name] >= self.patience:", "if self.streaks[name] > self.patience:",
       "patience off by one"),
+    M("rewards/reward_model.py", 'tok.truncation_side = "left"', 'tok.truncation_side = "right"',
+      "a long text loses its answer, not its prompt's start"),
+    M("rewards/reward_model.py", 'return [f"{p}\\n{c}" if p else str(c) for p, c in zip(prompts, completions)]',
+      "return [str(c) for c in completions]", "the reward model never sees the prompt"),
+    M("rewards/reward_model.py", 'prompts = kwargs.get("prompt") or kwargs.get("question")', 'prompts = kwargs.get("prompt")',
+      "the records' question is not used as the prompt"),
     # ---- checkpoint and RNG
     M("utils/checkpoint.py", "    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))\n", "",
       "NumPy's RNG not restored"),

@@ -313,3 +313,9 @@ def test_each_rank_draws_from_its_own_stream(rank):
     draw = torch.rand(3, generator=ssb.generator)
     ssb.setup(SimpleNamespace(global_rank=rank), None, "fit")
     assert not torch.equal(torch.rand(3, generator=ssb.generator), draw)
+
+
+def test_probs_do_not_overflow_for_a_large_alpha():
+    """|A| = [1, 3], alpha 1000: 3^1000 overflows float64, (|A| / max|A|)^alpha does not: P = [3^-1000, 1] = [0, 1]."""
+    p = buffer_sample_probs(torch.tensor([1.0, 3.0], dtype=torch.float64), 1000.0)
+    assert p.tolist() == [0.0, 1.0]

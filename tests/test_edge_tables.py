@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lightning_r1v2.data.records import MAX_QUESTION_CHARS, RecordError, read_records, validate_record
-from lightning_r1v2.rewards import accuracy_reward, grounding_reward
+from lightning_r1v2.rewards import accuracy_reward, format_reward, grounding_reward
 from lightning_r1v2.rewards.rules import is_correct
 
 OK = {"id": "a", "image": "ok.png", "question": "How many red shapes are there?", "answer": "2"}
@@ -153,3 +153,23 @@ GROUNDING = [
 def test_grounding_edges(reasoning, complete, expected):
     out = grounding_reward([f"<think> {reasoning} </think> \\boxed{{2}}"], annotations=[COUNTS], complete=complete)
     assert out == [pytest.approx(expected)]
+
+
+# (completion, format reward): <think> non-empty reasoning </think> then a non-empty box, each tag once
+FORMAT = [
+    ("<think> r </think> \\boxed{2}", 1.0),
+    ("  <think> r </think> \\boxed{2}  ", 1.0),
+    ("<think> r </think> b </think> \\boxed{2}", 0.0),  # two closing tags
+    ("<think> r <think> s </think> \\boxed{2}", 0.0),  # two opening tags
+    ("x <think> r </think> \\boxed{2}", 0.0),  # text before the reasoning
+    ("</think> r <think> \\boxed{2}", 0.0),  # tags in the wrong order
+    ("<think> \\boxed{2} </think>", 0.0),  # the box inside the reasoning only
+    ("<think> r </think> \\boxed{ }", 0.0),  # an empty box
+    ("<think> r </think> \\boxed{2", 0.0),  # an unbalanced box
+    ("<think>\n</think> \\boxed{2}", 0.0),  # empty reasoning
+]
+
+
+@pytest.mark.parametrize("completion, expected", FORMAT, ids=[c for c, _ in FORMAT])
+def test_format_edges(completion, expected):
+    assert format_reward([completion]) == [expected]
