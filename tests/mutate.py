@@ -1,7 +1,7 @@
 """Mutation testing: put one small fault into the product, run the tests that should catch it, repeat.
 
     python tests/mutate.py               # every mutation (make mutate); about 15 minutes on 2 cores
-    python tests/mutate.py -k buffer     # only mutations whose file or name contains "buffer"
+    python tests/mutate.py -k buffer,mpo # only mutations whose file or name contains "buffer" or "mpo"
     python tests/mutate.py --list        # the mutations and the tests each one runs
 
 Each mutation is (source file, exact original snippet, replacement, what the fault means). The
@@ -93,6 +93,8 @@ MUTATIONS = [
          "ref_chosen, ref_rejected, hp.beta))))"),
         ("        self.delta.update(self._gather(torch.cat([r_c, r_r])))\n", "")],
         "MPO updates delta before the loss reads it"),
+    M("callbacks/buffer.py", "            self._load_local(parts[rank])\n", "            self._load_local(parts[0])\n",
+      "every rank resumes rank 0's buffer", tests=["tests/test_buffer_distributed.py"]),
     M("callbacks/buffer.py", "new_idx = (effective & ~was_replayed)", "new_idx = (effective)",
       "the buffer stores replayed rows again"),
     M("callbacks/buffer.py", "not self._rank_seeded:\n            self.generator.manual_seed(self.seed + rank)",
@@ -183,6 +185,14 @@ MUTATIONS = [
       'self.val_accuracy.update(torch.tensor(scores["accuracy_letter_only"]))', "val/accuracy is the letter-only score"),
     M("modules/common.py", "        text = text[: text.index(eos)]\n", "        pass\n",
       "evaluation scores text after the end-of-turn token"),
+    M("modules/common.py", "            reopen_finished_epoch(checkpoint, type(dm).__qualname__)\n", "            pass\n",
+      "the module never applies the epoch fix"),
+    M("modules/common.py", "        save_rng_states(checkpoint)  # every rank's", "        pass  # every rank's",
+      "checkpoints carry no RNG state"),
+    M("modules/mpo.py", '        checkpoint["mpo_delta"] = self.delta.state_dict()\n', "", "MPO's delta not checkpointed"),
+    M("modules/grpo.py", '        rollouts = call_rollout_hook(self.trainer, self, "on_advantages", rollouts)',
+      '        call_rollout_hook(self.trainer, self, "on_advantages", rollouts)',
+      "the batch a callback returns from on_advantages (the buffer's) is ignored"),
     # ---- the buffer
     M("callbacks/buffer.py", "n_replace = int(math.floor(self.refill_share * zero_idx.numel() + 0.5))",
       "n_replace = int(math.floor(self.refill_share * zero_idx.numel()))", "refill count rounded down"),
@@ -345,12 +355,17 @@ def apply(text: str, m: Mutation) -> str | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-k", default="", help="only mutations whose file or description contains this")
+    ap.add_argument("-k", default="", help="only mutations whose file or description contains one of these "
+                    "comma-separated words")
     ap.add_argument("--list", action="store_true", help="list the mutations and their tests, run nothing")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant before it counts as killed")
     ap.add_argument("--full-suite", action="store_true", help="rerun each survivor against the whole default suite")
     args = ap.parse_args(argv)
-    todo = [m for m in MUTATIONS if args.k.lower() in (m.file + " " + m.what).lower()]
+    words = [w.strip().lower() for w in args.k.split(",")]
+    todo = [m for m in MUTATIONS if any(w in (m.file + " " + m.what).lower() for w in words)]
+    if not todo:
+        print(f"no mutation matches {args.k!r}", file=sys.stderr)
+        return 2
     if args.list:
         for i, m in enumerate(todo, 1):
             print(f"{i:3d}. {m.file}: {m.what}\n      tests: {' '.join(m.tests or TESTS[m.file])}")

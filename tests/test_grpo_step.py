@@ -278,3 +278,20 @@ def test_without_sampling_logprobs_the_module_scores_the_behaviour_policy_once(t
     got = flat(step["grads"])
     assert rel(got, want) < 1e-4
     assert rel(on_policy, want) > 0.05
+
+
+class KeepFirstGroup(RolloutHooks):
+    """A callback that hands the loss another batch (as the buffer does): the first prompt's group only."""
+
+    def on_advantages(self, trainer, pl_module, rollouts):
+        return rollouts.select(list(range(G)))
+
+
+def test_the_batch_a_callback_returns_is_the_one_the_loss_sees(tiny_data):
+    m, rec = fit(tiny_data, hooks=[KeepFirstGroup()])
+    rows, step = rec.rollouts[0], rec.steps[0]
+    assert len(rows) == G
+    adv = advantages(rewards_of(rows), True)
+    assert adv.abs().sum() > 0
+    want = grad_by_formula(m, step["params"], rows, old=rows.old_logprobs, adv=adv, mask=rows.completion_mask.float())
+    assert rel(flat(step["grads"]), want) < 1e-4
