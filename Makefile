@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -q
 
-.PHONY: install demo test test-slow test-all lint clean-runs
+.PHONY: install demo test test-slow test-all lint mutate clean-runs
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ test-slow: install
 # both
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS) -m "slow or not slow"
+
+# mutation testing (not part of make test): one small fault at a time in a copy of the tree, the
+# tests mapped to the faulty file run against it; prints the score and the survivors (tests/README.md)
+mutate: install
+	OMP_NUM_THREADS=1 $(PY) tests/mutate.py $(MUTATE_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -290,3 +290,32 @@ def test_needs_advantages():
     b.advantages = None
     with pytest.raises(ValueError, match="advantages"):
         SelectiveSampleBuffer().on_advantages(trainer_at(0), None, b)
+
+
+def test_rows_flagged_as_replayed_are_not_stored_again():
+    """A batch that arrives with replayed rows in it (flagged ``from_buffer``) stores only its own
+    effective rows: rows 0 and 1 of this group came from the buffer, rows 2 and 3 are new."""
+    ssb = SelectiveSampleBuffer(max_age=0)
+    b = make_rollouts(EFF, tag=3)
+    b.from_buffer = torch.tensor([True, True, False, False])
+    ssb.on_advantages(trainer_at(0), None, b)
+    assert len(ssb) == 2 and ssb.last_stats["ssb/buffer_size"] == 2.0
+    assert sorted(ssb.state_dict()["per_rank"][0]["store"]["completion_ids"][:, 0].tolist()) == [302, 303]
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_each_rank_draws_from_its_own_stream(rank):
+    """Rank r seeds its generator with seed + r at fit set-up, so ranks do not replay in lockstep."""
+    ssb = SelectiveSampleBuffer(seed=7)
+    ssb.setup(SimpleNamespace(global_rank=rank), None, "fit")
+    assert torch.equal(ssb.generator.get_state(), torch.Generator().manual_seed(7 + rank).get_state())
+    ssb.setup(SimpleNamespace(global_rank=rank), None, "fit")  # a second set-up (validate) keeps the stream going
+    draw = torch.rand(3, generator=ssb.generator)
+    ssb.setup(SimpleNamespace(global_rank=rank), None, "fit")
+    assert not torch.equal(torch.rand(3, generator=ssb.generator), draw)
+
+
+def test_probs_do_not_overflow_for_a_large_alpha():
+    """|A| = [1, 3], alpha 1000: 3^1000 overflows float64, (|A| / max|A|)^alpha does not: P = [3^-1000, 1] = [0, 1]."""
+    p = buffer_sample_probs(torch.tensor([1.0, 3.0], dtype=torch.float64), 1000.0)
+    assert p.tolist() == [0.0, 1.0]

@@ -132,7 +132,12 @@ def test_deferred_grpo_with_kl_fits(tiny_folder, tiny_data):
                         callbacks=[RewardCallback(accuracy_reward, name="accuracy", weight=0.8),
                                    RewardCallback(format_reward, name="format", weight=0.2)])
     trainer.fit(m, dm)
-    assert trainer.global_step == 1 and m.ref_model is not None and "kl" in trainer.logged_metrics
+    assert trainer.global_step == 1 and m.ref_model is not None
+    # the reference is the folder's policy, untouched by the step; at the first step the policy
+    # still equals it, so the k3 KL of every token is 0
+    start, _ = load_policy(str(tiny_folder))
+    assert all(torch.equal(p, dict(start.named_parameters())[n]) for n, p in m.ref_model.named_parameters())
+    assert float(trainer.logged_metrics["kl"]) == pytest.approx(0.0, abs=1e-6)
 
 
 class DeepSpeedStrategy:  # noqa: D101 - a stand-in: matched by class name, as Lightning's is

@@ -33,7 +33,19 @@ def test_evaluate_module_scores_crafted_completions(tiny_data):
     assert abs(out["accuracy_letter_only"] - (n - wrong - text_boxed) / n) < 1e-9
     assert abs(out["format"] - (n - wrong) / n) < 1e-9  # "\boxed{nothing}" has no <think> block
     assert out["hallucination"] == 0.0  # every stated count is the annotation's
-    assert 0.0 <= majority_baseline(records, records) <= 1.0
+
+
+def test_majority_baseline_by_hand():
+    """Most common answer per question type in the reference: count -> "2" (2 of 3), colour -> "blue"
+    (2 of 3). Eval: count 2 (hit), count 3 (miss), colour blue (hit), colour red (miss), a type the
+    reference lacks (miss): 2 / 5."""
+    ref = [{"type": "count", "answer": a} for a in ("2", "2", "3")] + [
+        {"type": "colour", "answer": a} for a in ("red", "blue", "blue")]
+    ev = [{"type": "count", "answer": "2"}, {"type": "count", "answer": "3"}, {"type": "colour", "answer": "blue"},
+          {"type": "colour", "answer": "red"}, {"type": "compare", "answer": "yes"}]
+    assert majority_baseline(ev, ref) == 2 / 5
+    assert majority_baseline([{"answer": "a"}, {"answer": "b"}], [{"answer": "a"}] * 2 + [{"answer": "b"}]) == 1 / 2
+    assert majority_baseline([], ref) == 0.0
 
 
 def test_validation_logs_both_accuracies(tiny_data):
@@ -50,3 +62,13 @@ def test_validation_logs_both_accuracies(tiny_data):
     m.validation_step({"records": choice}, 0)
     assert float(logged["val/accuracy"].compute()) == 1.0
     assert float(logged["val/accuracy_letter_only"].compute()) == 0.5
+
+
+def test_clean_completion_cuts_at_the_end_of_turn(processor):
+    """What follows the first end-of-turn token (a second answer, padding) is not scored."""
+    from lightning_r1v2.modules.common import clean_completion
+
+    tok = processor.tokenizer
+    text = f"<think> red 2 </think> \\boxed{{2}}{tok.eos_token} \\boxed{{3}}{tok.eos_token}{tok.pad_token}{tok.pad_token}"
+    assert clean_completion(text, tok) == "<think> red 2 </think> \\boxed{2}"
+    assert clean_completion(f"\\boxed{{2}}{tok.pad_token}", tok) == "\\boxed{2}"

@@ -1,4 +1,7 @@
 """GRPO module plumbing: behaviour log-probs, hooks, metrics, tables, errors."""
+import math
+import zlib
+
 import lightning as L
 import pytest
 import torch
@@ -16,10 +19,11 @@ def _module(**kw):
     return GRPOModule(engine=HFGenerateEngine(max_new_tokens=8, temperature=1.3), group_size=4, lr=1e-3, **kw)
 
 
-def test_engine_logprobs_equal_a_fresh_forward(tiny_data):
+def test_engine_logprobs_equal_a_fresh_forward(tiny_data, make_eos_likely):
     torch.manual_seed(0)
     m = _module()
     records, _ = read_records(tiny_data / "val.jsonl")
+    make_eos_likely(m, records[:3])  # else no 8-token sample of the random policy holds an EOS
     batch = PromptCollator(m.processor)(records[:3])
     r = m.engine.generate(m, batch, group_size=4)
     assert len(r) == 12 and r.group_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -30,12 +34,18 @@ def test_engine_logprobs_equal_a_fresh_forward(tiny_data):
     mask = r.completion_mask.bool()
     # the sampling pass and the training forward agree: ratio exp(logp - old) is 1
     assert torch.allclose(logp[mask], r.old_logprobs[mask], atol=1e-4)
-    # completion mask stops after the first EOS
+    # completion mask: 1 up to and including the first EOS, 0 after; rows without one are truncated
     eos = m.tokenizer.eos_token_id
-    for row, msk in zip(r.completion_ids, r.completion_mask):
-        hits = (row == eos).nonzero()
+    ended = 0
+    for row, msk, cut in zip(r.completion_ids, r.completion_mask, r.truncated):
+        hits = (row == eos).nonzero().flatten()
         if len(hits):
-            assert msk[: hits[0] + 1].all() and not msk[hits[0] + 1 :].any()
+            first = int(hits[0])
+            ended += first < len(row) - 1
+            assert msk[: first + 1].all() and not msk[first + 1 :].any() and not cut
+        else:
+            assert msk.all() and cut
+    assert ended >= 2  # the check did see rows that end early
 
 
 class _Spy(RolloutHooks):
@@ -46,12 +56,17 @@ class _Spy(RolloutHooks):
         self.calls.append("rollouts")
 
     def on_rewards(self, trainer, pl_module, rollouts):
-        assert set(rollouts.rewards) == {"accuracy", "format"}
+        assert set(rollouts.rewards) == {"accuracy", "format", "parity"}
         self.calls.append("rewards")
 
     def on_advantages(self, trainer, pl_module, rollouts):
         assert rollouts.advantages is not None
         self.calls.append("advantages")
+
+
+def parity_reward(completions, **kwargs):
+    """crc32 of the text mod 2: a fixed reward that varies inside a group (a random policy's accuracy is mostly 0)."""
+    return [float(zlib.crc32(c.encode()) % 2) for c in completions]
 
 
 def test_fit_two_steps_updates_weights_and_logs(tiny_data, tmp_path):
@@ -65,25 +80,49 @@ def test_fit_two_steps_updates_weights_and_logs(tiny_data, tmp_path):
         max_steps=2, accelerator="cpu", logger=logger, enable_checkpointing=False, log_every_n_steps=1,
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[RewardCallback(accuracy_reward, name="accuracy", weight=0.8),
-                   RewardCallback(format_reward, name="format", weight=0.2), spy],
+                   RewardCallback(format_reward, name="format", weight=0.2),
+                   RewardCallback(parity_reward, name="parity", weight=0.5), spy],
     )
     trainer.fit(m, dm)
     assert spy.calls == ["rollouts", "rewards", "advantages"] * 2
-    metrics = trainer.logged_metrics
-    for key in ("reward", "reward_std", "frac_reward_zero_std", "effective_share", "clip_fraction", "kl",
-                "entropy", "completions/mean_length", "completions/clipped_ratio", "rollout_tokens_per_s",
-                "time/generate", "rewards/accuracy/mean", "rewards/format/mean"):
-        assert key in metrics, key
+    metrics = {k: float(v) for k, v in trainer.logged_metrics.items()}
+    # the last step's metrics, recomputed from the rollouts it trained on
+    r = m.last_rollouts
+    answers, choices = [x["answer"] for x in r.records], [x.get("choices") for x in r.records]
+    acc = torch.tensor(accuracy_reward(r.completions, answer=answers, choices=choices))
+    fmt = torch.tensor(format_reward(r.completions))
+    par = torch.tensor(parity_reward(r.completions))
+    reward = 0.8 * acc + 0.2 * fmt + 0.5 * par
+    lengths = r.completion_mask.sum(1).float()
+    assert metrics["rewards/accuracy/mean"] == pytest.approx(float(acc.mean()), abs=1e-6)
+    assert metrics["rewards/format/mean"] == pytest.approx(float(fmt.mean()), abs=1e-6)
+    assert metrics["rewards/parity/mean"] == pytest.approx(float(par.mean()), abs=1e-6)
+    assert metrics["reward"] == pytest.approx(float(reward.mean()), abs=1e-6)
+    assert metrics["reward_std"] == pytest.approx(float(reward.std()), abs=1e-6)
+    grouped = reward.view(-1, 4)
+    assert metrics["frac_reward_zero_std"] == pytest.approx(float((grouped.std(1) < 1e-6).float().mean()))
+    centred = grouped - grouped.mean(1, keepdim=True)
+    assert metrics["effective_share"] == pytest.approx(float((centred.abs() > 1e-6).float().mean()))
+    assert metrics["effective_share"] > 0
+    assert metrics["completions/mean_length"] == pytest.approx(float(lengths.mean()))
+    no_eos = ~(r.completion_ids == m.tokenizer.eos_token_id).any(1)
+    assert metrics["completions/clipped_ratio"] == pytest.approx(float(no_eos.float().mean()))
+    assert metrics["clip_fraction"] == 0.0  # one on-policy pass: rho = 1
+    assert metrics["kl"] == 0.0  # no reference model
+    assert 0 < metrics["entropy"] <= math.log(len(m.tokenizer))  # nats, at most uniform over the vocabulary
+    assert metrics["rollout_tokens_per_s"] > 0 and metrics["time/generate"] > 0
     import csv
 
     with (tmp_path / "logs" / "version_0" / "completions.csv").open(newline="") as f:
         table = list(csv.reader(f))
-    assert table[0] == ["step", "id", "question", "answer", "completion", "accuracy", "format", "reward", "advantage"]
+    assert table[0] == ["step", "id", "question", "answer", "completion", "accuracy", "format", "parity", "reward",
+                        "advantage"]
     assert len(table) == 1 + 2 * 8  # two steps, table_rows=8
-    # with a random policy rewards are mostly 0 in every group: when every group had zero std,
-    # nothing may change; otherwise the policy moved
-    moved = any(not torch.equal(p, before[n]) for n, p in m.model.named_parameters())
-    assert moved == (float(metrics["effective_share"]) > 0 or trainer.global_step == 0) or moved
+    last = table[-8:]
+    assert [row[4] for row in last] == r.completions[:8]
+    assert [float(row[8]) for row in last] == pytest.approx(reward[:8].tolist(), abs=1e-3)
+    # some rows carried an advantage at each step (the parity reward varies), so the policy moved
+    assert any(not torch.equal(p, before[n]) for n, p in m.model.named_parameters())
 
 
 def test_missing_reward_callback_is_a_clear_error(tiny_data):

@@ -249,3 +249,27 @@ def test_counts_summed_over_ranks():
 def test_settings_validated(kwargs):
     with pytest.raises(ValueError):
         HallucinationMonitor(**kwargs)
+
+
+# (rate name, threshold, acts?) on BAD: contradiction 2/5 = 0.4, denial 2/8 = 0.25, empty 1/8 = 0.125.
+# "Exceeds" is strictly above: a rate equal to its threshold does not act.
+THRESHOLD_EDGES = [
+    ("contradiction", 0.4, False),
+    ("contradiction", 0.39, True),
+    ("denial", 0.25, False),
+    ("denial", 0.24, True),
+    ("empty_reasoning", 0.125, False),
+    ("empty_reasoning", 0.12, True),
+    ("claim_error", 2 / 15, False),
+    ("claim_error", 0.13, True),
+    ("denial", 0.0, True),
+    ("denial", 1.0, False),
+]
+
+
+@pytest.mark.parametrize("name, threshold, acts", THRESHOLD_EDGES, ids=[f"{n}-{t:.3g}" for n, t, _ in THRESHOLD_EDGES])
+def test_threshold_is_exclusive(name, threshold, acts):
+    mon = HallucinationMonitor(thresholds={name: threshold}, action="stop")
+    trainer = trainer_at(0)
+    mon.on_rewards(trainer, None, BAD)
+    assert trainer.should_stop is acts and mon.n_acted == int(acts)

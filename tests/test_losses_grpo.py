@@ -160,3 +160,16 @@ def test_grpo_padding_garbage_does_not_poison_gradients():
     loss.backward()
     assert loss.item() == pytest.approx(-1.0, abs=1e-6)
     assert torch.isfinite(logp.grad).all() and torch.isfinite(stats["ratio_mean"])
+
+
+def test_clip_ratios_count_only_tokens_where_the_clip_binds():
+    """Out of the band is not enough: the clipped term must be the one min() picks.
+    0: A=+1, rho=0.5 -> min(0.5, 0.8) = 0.5 unclipped (below the band, but A > 0)
+    1: A=-1, rho=1.5 -> min(-1.5, -1.2) = -1.5 unclipped (above the band, but A < 0)
+    2: A=-1, rho=0.5 -> min(-0.5, -0.8) = -0.8 clipped (low)
+    low 1/3, high 0, clip fraction 1/3."""
+    logp = torch.log(torch.tensor([[0.5], [1.5], [0.5]]))
+    _, stats = grpo_loss(logp, torch.zeros(3, 1), torch.tensor([1.0, -1.0, -1.0]), torch.ones(3, 1), clip_eps=0.2)
+    assert stats["clip_ratio/low_mean"].item() == pytest.approx(1 / 3)
+    assert stats["clip_ratio/high_mean"].item() == 0.0
+    assert stats["clip_fraction"].item() == pytest.approx(1 / 3)

@@ -1,29 +1,12 @@
 """MPOModule: log-probs of the joint forward pass, both references, delta and its checkpointing, a short fit."""
-import json
-
 import lightning as L
 import pytest
 import torch
 
 from lightning_r1v2.data.collate import SFTCollator
 from lightning_r1v2.data.pairs import PairCollator, PreferenceDataModule, read_pairs
-from lightning_r1v2.data.records import read_records
 from lightning_r1v2.losses import shift_for_causal_lm, token_logprobs
 from lightning_r1v2.modules import MPOModule
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tiny_data):
-    """8 pairs: the reference response vs. a wrong answer of a different length."""
-    records, _ = read_records(tiny_data / "train.jsonl")
-    path = tiny_data / "mpo_pairs.jsonl"
-    with path.open("w") as f:
-        for i, rec in enumerate(records[:8]):
-            row = {k: rec[k] for k in ("id", "question", "answer")}
-            row.update(image=rec["image_rel"], pair_id=f"{rec['id']}/0", chosen=rec["response"],
-                       rejected="<think> red " + "9 " * (i % 3) + "</think> \\boxed{9}")
-            f.write(json.dumps(row) + "\n")
-    return path
 
 
 def _separate_logps(module, records, key, processor):
@@ -119,6 +102,15 @@ def test_fit_three_steps_logs_terms_and_delta_survives_a_checkpoint(pairs_file, 
                 "train/logps/chosen", "train/logps/rejected", "train/lr", "val/accuracy", "val/format",
                 "val/accuracy_letter_only"):
         assert key in metrics, key
+    v = {k: float(x) for k, x in metrics.items()}
+    # the last step's values hang together: L = 0.8 pref + 0.2 qual + 1.0 gen (InternVL's weights),
+    # margin = chosen - rejected, accuracy a share of 2 pairs, lr of step 2 of 3 without warmup:
+    # 1e-3 * (1 + cos(pi * 2 / 3)) / 2 = 2.5e-4
+    assert v["train/loss"] == pytest.approx(0.8 * v["train/loss/pref"] + 0.2 * v["train/loss/qual"]
+                                            + v["train/loss/gen"], rel=1e-5)
+    assert v["train/rewards/margin"] == pytest.approx(v["train/rewards/chosen"] - v["train/rewards/rejected"], abs=1e-6)
+    assert v["train/rewards/accuracy"] in (0.0, 0.5, 1.0)
+    assert v["train/lr"] == pytest.approx(2.5e-4, rel=1e-6)
     assert metrics["val/accuracy_letter_only"] <= metrics["val/accuracy"]  # letters only: a subset of what counts
     assert any(not torch.equal(before[n], p) for n, p in m.model.named_parameters())
     if reference == "model":  # the reference stays the initial policy

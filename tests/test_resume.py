@@ -435,3 +435,18 @@ def test_stale_partial_files_of_dead_processes_are_removed(tmp_path):
     assert not stale.name.endswith(".ckpt") and not stale.name.startswith("last")  # never taken for a checkpoint
     assert remove_stale_partials(tmp_path) == [stale]
     assert mine.exists() and not stale.exists()
+
+
+def test_partial_files_of_live_processes_are_kept(tmp_path):
+    """Another process still writing its checkpoint keeps its partial file; a dead one's goes."""
+    from lightning_r1v2.utils.checkpoint import partial_path, remove_stale_partials
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        other = partial_path(tmp_path / "last.ckpt", pid=live.pid)
+        other.write_bytes(b"x")
+        assert remove_stale_partials(tmp_path) == [] and other.exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert remove_stale_partials(tmp_path) == [other] and not other.exists()

@@ -75,3 +75,12 @@ def test_any_module_with_scalar_output(model_dir):
     scores = scorer(["a", "bb"], batch_size=2)
     ids = [tok("a")["input_ids"], tok("bb")["input_ids"]]
     assert scores == [float(sum(i)) for i in ids]
+
+
+def test_a_long_text_is_cut_from_the_left_so_the_answer_is_scored(model_dir):
+    """max_length cuts the prompt's start, never the completion's end: two completions that differ
+    only in their final answer score differently even when the text is longer than max_length."""
+    scorer = RewardModelScorer(model_dir, max_length=8)
+    prompt = "How many red shapes are there? " * 10
+    a, b = scorer(["<think> red 2 </think> \\boxed{2}", "<think> red 2 </think> \\boxed{3}"], prompts=[prompt] * 2)
+    assert a != b

@@ -124,11 +124,6 @@ def test_accuracy_table(completion, answer, choices, expected, why):
     assert accuracy_reward([completion], answer=[answer], choices=[choices]) == [expected], why
 
 
-def test_accuracy_table_is_large_and_balanced():
-    assert len(CASES) >= 40
-    assert sum(c[3] == 1.0 for c in CASES) >= 15 and sum(c[3] == 0.0 for c in CASES) >= 15
-
-
 def test_accuracy_batch_ignores_unknown_columns_and_missing_choices():
     out = accuracy_reward([box("2"), box("blue")], answer=["2", "red"], id=["a", "b"], tests=[None, None])
     assert out == [1.0, 0.0]

@@ -1,11 +1,15 @@
 """A few real SFT steps through the CLI: checkpoints, logs, validate, export round trip."""
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from lightning_r1v2.rewards import accuracy_reward, format_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +34,11 @@ def test_sft_fit_validate_export(tiny_data, tmp_path):
     assert ckpt.exists()
     rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert losses and all(l == l for l in losses)  # logged and finite
-    assert any(r.get("val/accuracy") for r in rows) and any(r.get("train/tokens_per_s") for r in rows)
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)  # one per step, no NaN nor inf
+    assert losses[-1] < losses[0] - 0.5, losses  # it learns: the loss of a random-init model falls fast
+    val_rows = [r for r in rows if r.get("val/accuracy")]
+    assert len(val_rows) == 1 and any(r.get("train/tokens_per_s") for r in rows)
+    logged_accuracy, logged_format = float(val_rows[0]["val/accuracy"]), float(val_rows[0]["val/format"])
     assert list((run / "tensorboard").rglob("events.out.tfevents*"))
 
     val = _cli("validate", *common, "--ckpt_path", str(ckpt), cwd=tmp_path)
@@ -54,6 +61,17 @@ def test_sft_fit_validate_export(tiny_data, tmp_path):
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
               pixel_values=torch.cat([m["pixel_values"] for m in batch["media"]]), max_new_tokens=12, do_sample=False)
     assert torch.equal(module.model.generate(**kw), model.generate(**kw))
+    # val/accuracy and val/format are the shares of the 16 held-out records whose greedy answer
+    # (24 new tokens, the config's eval_max_new_tokens; one batch) is right / well formed
+    batch = PromptCollator(processor)(records)
+    out = module.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                pixel_values=batch["pixel_values"], max_new_tokens=24, do_sample=False)
+    texts = [t.split(processor.tokenizer.eos_token)[0].replace(processor.tokenizer.pad_token, "")
+             for t in processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:])]
+    acc = accuracy_reward(texts, answer=[r["answer"] for r in records], choices=[r.get("choices") for r in records])
+    assert len(records) == 16
+    assert logged_accuracy == pytest.approx(sum(acc) / 16, abs=1e-6)
+    assert logged_format == pytest.approx(sum(format_reward(texts)) / 16, abs=1e-6)
     # and the weights are the trained ones, not a fresh init
     fresh, _ = load_policy("tiny")
     assert not torch.equal(fresh.lm_head.weight, model.lm_head.weight)

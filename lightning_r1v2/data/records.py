@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,7 @@ def validate_record(rec, root: Path, check_images: bool = True) -> tuple[str, st
     for key in REQUIRED:
         if key not in rec or rec[key] is None:
             return "missing_field", f"missing field {key!r}"
-    if not isinstance(rec["id"], (str, int)):
+    if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
         return "wrong_type", f"'id' must be a string or integer, got {type(rec['id']).__name__}"
     if not isinstance(rec["question"], str):
         return "wrong_type", f"'question' must be a string, got {type(rec['question']).__name__}"
@@ -90,6 +91,8 @@ def validate_record(rec, root: Path, check_images: bool = True) -> tuple[str, st
         return "too_long", f"'question' has {len(rec['question'])} characters (limit {MAX_QUESTION_CHARS})"
     if not isinstance(rec["answer"], (str, int, float)) or isinstance(rec["answer"], bool):
         return "wrong_type", f"'answer' must be a string or number, got {type(rec['answer']).__name__}"
+    if isinstance(rec["answer"], float) and not math.isfinite(rec["answer"]):
+        return "wrong_type", f"'answer' must be a finite number, got {rec['answer']}"
     if not str(rec["answer"]).strip():
         return "empty_field", "'answer' is empty"
     for key in ("question", "response"):
