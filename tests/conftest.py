@@ -48,8 +48,7 @@ def _make_eos_likely(module, records, logit: float = 4.0) -> None:
     hook = module.model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
     try:
         with torch.no_grad():
-            module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"].to(module.model.dtype))
+            module.model(**module.model_inputs(batch))
     finally:
         hook.remove()
     h = seen[0][batch["attention_mask"].bool()].mean(0)  # [D]

@@ -65,7 +65,8 @@ def test_sft_fit_validate_export(tiny_data, tmp_path):
     # (24 new tokens, the config's eval_max_new_tokens; one batch) is right / well formed
     batch = PromptCollator(processor)(records)
     out = module.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                pixel_values=batch["pixel_values"], max_new_tokens=24, do_sample=False)
+                                pixel_values=torch.cat([m["pixel_values"] for m in batch["media"]]), max_new_tokens=24,
+                                do_sample=False)
     texts = [t.split(processor.tokenizer.eos_token)[0].replace(processor.tokenizer.pad_token, "")
              for t in processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:])]
     acc = accuracy_reward(texts, answer=[r["answer"] for r in records], choices=[r.get("choices") for r in records])

@@ -64,7 +64,7 @@ def _grads_of(model, params: dict, loss_fn) -> dict:
 def sft_loss_by_formula(model, batch) -> torch.Tensor:
     """Mean next-token NLL over response tokens: cross_entropy(logits[:, :-1], labels[:, 1:], ignore -100)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"])
+                pixel_values=torch.cat([m["pixel_values"] for m in batch["media"]]))
     logits = out.logits[:, :-1]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=-100)
