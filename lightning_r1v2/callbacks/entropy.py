@@ -216,7 +216,7 @@ class CriticalTokenEntropy(Callback):
                 for i in range(0, len(records), self.batch_size):
                     batch = collate(records[i : i + self.batch_size])
                     batch = move_data_to_device(batch, device)
-                    rows = self.engine.generate(pl_module, batch, 1)
+                    rows = self.engine.generate(pl_module.policy(), batch, 1)
                     ents.append(self._entropies(model, rows, processor).cpu())  # [n, C]
                     nexts.append(rows.completion_ids.cpu())  # [n, C]
                     masks.append(rows.completion_mask.cpu())  # [n, C]

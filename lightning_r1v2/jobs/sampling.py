@@ -162,7 +162,7 @@ def sample_groups(
     G = num_samples
     for start in range(0, len(records), batch_size):
         recs = records[start : start + batch_size]
-        rollouts = engine.generate(module, collate(recs), G)  # completions keep <think>, drop EOS and padding
+        rollouts = engine.generate(module.policy(), collate(recs), G)  # completions keep <think>, drop EOS and padding
         reward = score_and_combine(rollouts, callbacks, reward_mode)  # [B*G]
         truncated = rollouts.truncated.tolist()
         for b, rec in enumerate(recs):

@@ -165,6 +165,12 @@ class PolicyModule(L.LightningModule):
         ref = self._load_model() if is_zero3_partitioned(self.model) else copy.deepcopy(self.model)
         return ref.eval().requires_grad_(False)
 
+    def policy(self):
+        """What a rollout engine needs (``rollout.base.Policy``): model, processor, device, step, trainer."""
+        from ..rollout.base import as_policy
+
+        return as_policy(self)
+
     @property
     def tokenizer(self):
         return self.processor.tokenizer

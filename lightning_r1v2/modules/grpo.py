@@ -152,7 +152,7 @@ class GRPOModule(PolicyModule):
     def training_step(self, batch, batch_idx):
         hp = self.hparams
         t0 = time.perf_counter()
-        rollouts = self.engine.generate(self, batch, hp.group_size)
+        rollouts = self.engine.generate(self.policy(), batch, hp.group_size)
         t1 = time.perf_counter()
         call_rollout_hook(self.trainer, self, "on_rollouts", rollouts)
         cbs = self.reward_callbacks()

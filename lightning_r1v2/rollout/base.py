@@ -1,14 +1,50 @@
 """What every rollout engine shares: the sampling settings and the ``generate`` contract.
 
-``GRPOModule`` calls ``engine.generate(module, batch, group_size) -> Rollouts`` once per step and
+``GRPOModule`` calls ``engine.generate(policy, batch, group_size) -> Rollouts`` once per step and
 scores the completions at ``engine.temperature`` (the distribution the engine sampled from), so
-any engine with these two is usable from YAML by ``class_path``.
+any engine with these two is usable from YAML by ``class_path``. An engine gets a ``Policy`` (the
+model, its processor, its device, the trainer for the strategy), not the LightningModule.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .types import Rollouts
+
+
+@dataclass
+class Policy:
+    """What a rollout engine needs of the policy.
+
+    Attributes:
+        model: The policy (a transformers model).
+        processor: Its processor (``models.inputs.policy_io`` reads the family's facts from it).
+        device: Where the step's tensors live.
+        step: Optimizer steps taken so far (when to push weights to an external engine).
+        source: The checkpoint folder the policy was loaded from (None for the tiny default).
+        trainer: The Lightning trainer, for the strategy (ZeRO-3's engine), world size and rank;
+            None outside ``fit``.
+    """
+
+    model: Any
+    processor: Any
+    device: torch.device
+    step: int = 0
+    source: str | None = None
+    trainer: Any = None
+
+
+def as_policy(obj) -> Policy:
+    """``obj`` as a ``Policy``: itself, or a ``PolicyModule``'s view (``module.policy()``)."""
+    if isinstance(obj, Policy):
+        return obj
+    name = getattr(obj, "model_name", None)
+    return Policy(model=obj.model, processor=obj.processor, device=obj.device,
+                  step=int(getattr(obj, "global_step", 0) or 0), source=None if name == "tiny" else name,
+                  trainer=getattr(obj, "_trainer", None))
 
 
 class RolloutEngine:
@@ -39,13 +75,13 @@ class RolloutEngine:
         """The settings as Hugging Face ``generate`` keyword arguments."""
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
 
-    def generate(self, module, batch: dict, group_size: int) -> Rollouts:
+    def generate(self, policy: Policy, batch: dict, group_size: int) -> Rollouts:
         """``group_size`` completions for each prompt of ``batch`` (a ``PromptCollator`` batch).
 
         Rows of one prompt are contiguous; ``old_logprobs`` holds the behaviour policy's
         per-token log-probs when the engine can record them (else None: the module computes them).
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement generate(module, batch, group_size)")
+        raise NotImplementedError(f"{type(self).__name__} must implement generate(policy, batch, group_size)")
 
 
 def rollouts_from_samples(batch: dict, group_size: int, prompt_ids, prompt_mask, completion_ids, completion_mask,

@@ -9,7 +9,7 @@ With ``share_prompt_prefill`` (default) each prompt, image included, is prefille
 KV cache repeated for the ``G`` samples, instead of running the vision tower and the prompt ``G``
 times.
 
-Chosen in YAML by ``class_path``; the vLLM engine has the same ``generate(module, batch, G)``.
+Chosen in YAML by ``class_path``; the vLLM engine has the same ``generate(policy, batch, G)``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..utils.distributed import deepspeed_zero3_config, world_and_rank
-from .base import RolloutEngine, rollouts_from_samples
+from .base import RolloutEngine, as_policy, rollouts_from_samples
 from ..models.inputs import policy_io
 from .types import Rollouts
 
@@ -88,12 +88,13 @@ class HFGenerateEngine(RolloutEngine):
         self.share_prompt_prefill = share_prompt_prefill
 
     @torch.no_grad()
-    def generate(self, module, batch: dict, group_size: int) -> Rollouts:
+    def generate(self, policy, batch: dict, group_size: int) -> Rollouts:
         """``G`` samples for each prompt of ``batch`` (a ``PromptCollator`` batch)."""
-        model, processor = module.model, module.processor
+        policy = as_policy(policy)
+        model, processor = policy.model, policy.processor
         io = policy_io(processor)
         G = group_size
-        device = module.device
+        device = policy.device
         input_ids = batch["input_ids"].to(device).repeat_interleave(G, dim=0)  # [N, P]
         attention_mask = batch["attention_mask"].to(device).repeat_interleave(G, dim=0)  # [N, P]
         token_inputs = {k: v.to(device).repeat_interleave(G, dim=0) for k, v in batch.get("token_inputs", {}).items()}
@@ -103,7 +104,7 @@ class HFGenerateEngine(RolloutEngine):
         recorder = _LogprobRecorder(self.temperature, blocked) if self.record_logprobs else None
         was_training = model.training
         model.eval()
-        with _gathered(module, self.gather_zero3) as gathered:
+        with _gathered(policy, self.gather_zero3) as gathered:
             kw = io.model_inputs(input_ids, attention_mask, row_media, token_inputs, dtype=model.dtype)
             kw.pop("position_ids", None)  # generate numbers positions itself (as the scoring pass does)
             static = self.cache_kind(device) == "static"
@@ -206,10 +207,11 @@ class _gathered:
     parameters are gathered with ``GatheredParameters``.
     """
 
-    def __init__(self, module, enabled: bool):
+    def __init__(self, policy, enabled: bool):
         self.ctx = None
         self.unhooked = False
-        trainer = getattr(module, "_trainer", None)
+        policy = as_policy(policy)
+        trainer = policy.trainer
         zero3 = deepspeed_zero3_config(trainer) is not None
         # partitioned, not gathered, several ranks: each forward is a collective, so generate must sync
         self.layerwise_zero3 = zero3 and not enabled and world_and_rank()[0] > 1
@@ -223,7 +225,7 @@ class _gathered:
                 self.ctx = unwrap_model_for_generation(engine)
                 self.unhooked = True
             else:
-                self.ctx = deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None)
+                self.ctx = deepspeed.zero.GatheredParameters(list(policy.model.parameters()), modifier_rank=None)
 
     def __enter__(self):
         if self.ctx is not None:

@@ -13,7 +13,7 @@ import torch
 
 from ..data.collate import load_images, prompt_text
 from ..utils.distributed import deepspeed_zero3_config
-from .base import RolloutEngine, rollouts_from_samples
+from .base import RolloutEngine, as_policy, rollouts_from_samples
 from ..models.inputs import policy_io
 from .hf_engine import completion_mask_from_eos
 from .types import Rollouts
@@ -39,7 +39,7 @@ class VLLMEngine(RolloutEngine):
     """Samples completions with a colocated vLLM engine (GPU only).
 
     A ``RolloutEngine`` like ``HFGenerateEngine``: the same sampling keys in YAML, with the
-    same validation, and the same ``generate(module, batch, G) -> Rollouts``.
+    same validation, and the same ``generate(policy, batch, G) -> Rollouts``.
 
     Args:
         max_new_tokens: Longest completion (R1V1: 8K; R1V3: 4K -> 8K).
@@ -96,21 +96,22 @@ class VLLMEngine(RolloutEngine):
         self.llm_kwargs = dict(llm_kwargs or {})
         self.llm = None
         self._tp_group = None
-        self._synced_step: int | None = None  # module.global_step at the last push
+        self._synced_step: int | None = None  # the policy's optimizer step at the last push
         self._weights_version = 0  # pushes so far: names cached image features
         self._calls = 0  # generate calls so far: part of each request's seed
         self._sleeping = False
 
     # ------------------------------------------------------------- building
-    def _build(self, module):
+    def _build(self, policy):
         vllm = import_vllm()
-        path = self.model_path or getattr(module, "model_name", None)
+        policy = as_policy(policy)
+        path = self.model_path or policy.source
         if not path or path == "tiny" or not os.path.isdir(path):
             raise ValueError(
                 f"VLLMEngine loads a checkpoint folder, got {path!r}: set engine.init_args.model_path, or the "
                 "module's model, to a local HF-layout folder (cli.py export writes one from a .ckpt)"
             )
-        trainer = getattr(module, "_trainer", None)
+        trainer = policy.trainer
         world = getattr(trainer, "world_size", 1) if trainer is not None else 1
         rank = getattr(trainer, "global_rank", 0) if trainer is not None else 0
         tp = self.tensor_parallel_size
@@ -189,12 +190,12 @@ class VLLMEngine(RolloutEngine):
                 torch.cuda.empty_cache()
 
     # -------------------------------------------------------- weight pushing
-    def _sync_due(self, module) -> bool:
-        step = int(getattr(module, "global_step", 0))
+    def _sync_due(self, policy) -> bool:
+        step = as_policy(policy).step
         return self._synced_step is None or step - self._synced_step >= self.sync_weights_every
 
     @torch.no_grad()
-    def push_weights(self, module, trainable_only: bool | None = None) -> int:
+    def push_weights(self, policy, trainable_only: bool | None = None) -> int:
         """Copy the policy's parameters into vLLM; returns how many tensors were pushed.
 
         The first push sends every parameter; later ones only those that train
@@ -207,17 +208,18 @@ class VLLMEngine(RolloutEngine):
         """
         from ..models.lora import has_lora
 
-        if has_lora(module.model):
+        policy = as_policy(policy)
+        if has_lora(policy.model):
             raise NotImplementedError(
                 "VLLMEngine cannot push a LoRA policy yet (vLLM's load_weights takes base weights; merged "
                 "weights or LoRA requests are not implemented): use HFGenerateEngine with lora, or train "
                 "without lora under vLLM")
         if trainable_only is None:
             trainable_only = self._synced_step is not None
-        zero3 = _zero3_enabled(module)
+        zero3 = deepspeed_zero3_config(policy.trainer) is not None
         if zero3:
             import deepspeed
-        model = module.model
+        model = policy.model
         seen: set[int] = set()
         pushed = 0
         for prefix, sub in model.named_modules():
@@ -244,7 +246,7 @@ class VLLMEngine(RolloutEngine):
         engine = getattr(self.llm, "llm_engine", None)
         if hasattr(engine, "reset_encoder_cache"):
             engine.reset_encoder_cache()
-        self._synced_step = int(getattr(module, "global_step", 0))
+        self._synced_step = policy.step
         self._weights_version += 1
         return pushed
 
@@ -267,27 +269,28 @@ class VLLMEngine(RolloutEngine):
 
     # ------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, module, batch: dict, group_size: int) -> Rollouts:
+    def generate(self, policy, batch: dict, group_size: int) -> Rollouts:
         """``G`` samples for each prompt of ``batch`` (a ``PromptCollator`` batch)."""
         G = group_size
+        policy = as_policy(policy)
         if self.llm is None:
-            self._build(module)
+            self._build(policy)
         self._wake("weights")
-        if self._sync_due(module):
-            n = self.push_weights(module)
+        if self._sync_due(policy):
+            n = self.push_weights(policy)
             log.debug("pushed %d tensors to vLLM at step %d", n, self._synced_step)
         self._wake("kv_cache")
 
         records = batch["records"]
         own = len(records)
         all_records, offset = self._gather_tp(records)
-        prompts = [_mm_prompt(module.processor, r, self._weights_version) for r in all_records]
-        seed = self.request_seed(int(getattr(module, "global_step", 0)), self._calls)
+        prompts = [_mm_prompt(policy.processor, r, self._weights_version) for r in all_records]
+        seed = self.request_seed(policy.step, self._calls)
         self._calls += 1
-        outs = self.llm.generate(prompts, self.sampling_params(G, module.processor, seed=seed), use_tqdm=False)
+        outs = self.llm.generate(prompts, self.sampling_params(G, policy.processor, seed=seed), use_tqdm=False)
         outs = outs[offset: offset + own]
         self._sleep()
-        return self._rollouts(outs, batch, G, module.processor).to(module.device)
+        return self._rollouts(outs, batch, G, policy.processor).to(policy.device)
 
     def _gather_tp(self, records: list[dict]) -> tuple[list[dict], int]:
         """Every record of this tensor-parallel block, and where this rank's start."""
@@ -388,10 +391,6 @@ class _kept_global_rngs:
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
         return False
-
-
-def _zero3_enabled(module) -> bool:
-    return deepspeed_zero3_config(getattr(module, "_trainer", None)) is not None
 
 
 def _tp_subgroup(world: int, tp: int):
