@@ -344,3 +344,17 @@ def test_a_huge_image_is_a_counted_skip_or_resized(tmp_path, caplog):
     grid = batch["media"][0]["image_grid_thw"][0].tolist()
     assert grid == [1, 12, 16]  # 1600 x 1200 scaled to 128 x 96 px: 16 x 12 patches of 8 px
     assert batch["attention_mask"].sum().item() == prompt_length(proc, big)  # the filter counts the resized image
+
+
+def test_the_readme_yaml_of_a_parquet_source_builds_the_datamodule():
+    """The README's example is real settings, not drifted prose."""
+    import yaml
+
+    from lightning_r1v2.data.datamodule import R1V2DataModule
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Records", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = yaml.safe_load(block)["data"]
+    assert data["class_path"] == "lightning_r1v2.data.datamodule.R1V2DataModule"
+    dm = R1V2DataModule(**data["init_args"])
+    assert dm.hparams.columns["image_key"] == "images" and dm.hparams.max_pixels == 1280 * 28 * 28
