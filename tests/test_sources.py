@@ -94,6 +94,21 @@ def test_every_format_gives_the_same_batches(every_format, processor, kind):
                 assert ma.keys() == mb.keys() and torch.equal(ma["pixel_values"], mb["pixel_values"]), fmt
 
 
+def test_references_are_read_in_dataloader_workers(every_format, processor):
+    """A DataLoader worker (forked) reads the references and builds the same batch as the main process."""
+    from lightning_r1v2.data.datamodule import R1V2DataModule
+
+    out = []
+    for workers in (0, 1):
+        dm = R1V2DataModule(train_file=_path(every_format, "hf"), val_file=None, kind="prompts", batch_size=4,
+                            num_workers=workers)
+        dm.processor = processor
+        dm.setup("fit")
+        out.append(next(iter(dm.train_dataloader())))
+    assert [r["id"] for r in out[0]["records"]] == [r["id"] for r in out[1]["records"]]
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(out[0]["media"], out[1]["media"]))
+
+
 # ------------------------------------------------------------------------------- bad rows
 def _parquet(path: Path, rows: list[dict], image_column="images", many=True, cast=True) -> str:
     """Rows as parquet; ``cast``: the image column as ``datasets.Image`` (which embeds the files it names)."""
