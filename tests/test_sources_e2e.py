@@ -214,3 +214,40 @@ def test_sft_and_grpo_from_each_source(fmt, tmp_path):
     ckpt = tmp_path / "sft" / "checkpoints" / "last.ckpt"
     cli = grpo("tiny", data, tmp_path / "grpo", train, val, ckpt, batch=6, columns=COLUMNS.get(fmt))
     assert cli.trainer.global_step == 2 and len(cli.model.last_rollouts) == 6 * 3
+
+
+def test_the_buffer_replays_text_only_and_two_image_rows_with_their_own_media(mixed):
+    """Rows of parquet records (references, not pixels) stored by the Selective Sample Buffer and
+    replayed into a later batch keep their own images (or none), and the model takes them."""
+    from lightning_r1v2.callbacks.buffer import SelectiveSampleBuffer
+    from lightning_r1v2.data.collate import PromptCollator, encode_record
+    from lightning_r1v2.data.sources import read_source
+    from lightning_r1v2.modules.grpo import GRPOModule
+    from lightning_r1v2.rollout.hf_engine import HFGenerateEngine
+    from lightning_r1v2.rollout.types import Rollouts
+
+    records, _ = read_source(str(mixed / "train.parquet"), columns=GEO)
+    by_kind = {len(r.get("image", [])): r for r in records}
+    g = 2
+    m = GRPOModule(model="tiny", group_size=g, engine=HFGenerateEngine(max_new_tokens=4))
+    m.configure_model()
+    buf = SelectiveSampleBuffer(capacity=16, refill_share=1.0)
+    seen = []
+    for recs in ([by_kind[0], by_kind[2]], [by_kind[1], by_kind[1]]):
+        r = m.engine.generate(m, PromptCollator(m.processor)(recs), g)
+        # step 1: both groups effective (stored); step 2: both zero-variance (refilled from the buffer)
+        effective = len(seen) == 0
+        r.reward = torch.tensor([1.0, 0.0, 0.0, 1.0] if effective else [0.0] * 4)
+        r.advantages = torch.tensor([1.0, -1.0, -1.0, 1.0] if effective else [0.0] * 4)
+        r = buf.on_advantages(None, m, r) or r
+        seen.append(r)
+    replayed = seen[1]
+    assert replayed.from_buffer.all()
+    assert {len(rec.get("image", [])) for rec in replayed.records} <= {0, 2}
+    for rec, media in zip(replayed.records, replayed.media):
+        want = encode_record(m.processor, rec)[2]
+        assert media.keys() == want.keys() and all(torch.equal(media[k], want[k]) for k in want), rec["id"]
+    mixed_rows_ = Rollouts.concat(seen, pad_token_id=m.processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp, _ = m.sequence_logprobs(m.model, mixed_rows_)
+    assert torch.isfinite(logp[mixed_rows_.completion_mask.bool()]).all()
