@@ -331,7 +331,7 @@ def _qwen_without_a_pixel_cap(tmp_path):
 
 
 def test_a_huge_image_is_a_counted_skip_or_resized(tmp_path, caplog):
-    """A 1600 x 1200 image gives Qwen2-VL (8 px patches, 2x2 merge) 7,500 image tokens: skipped with a
+    """A 1600 x 1200 image gives the tiny Qwen2-VL (8 px patches, 2x2 merge) 7,500 image tokens: skipped with a
     message naming its size; with ``max_pixels`` it is scaled down before the processor and kept."""
     from lightning_r1v2.data.collate import PromptCollator
     from lightning_r1v2.data.datamodule import R1V2DataModule, prompt_length
