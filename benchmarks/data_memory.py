@@ -9,6 +9,16 @@ anonymous (heap) and file-backed resident memory after reading and after the epo
 pages are the memory-mapped arrow table: page cache the kernel reclaims, not heap. Also prints what
 keeping every image's pixel tensor would take. Not a test; 2,000 + 20,000 rows take a few minutes
 on 2 cores.
+
+Measured (2 shared CPU cores, the task's 32 px images, batch 32)::
+
+       rows  parquet  peak RSS anon: start   read  epoch file: read  epoch  pixels kept  read s  epoch s
+       2000    0.5Mi     502Mi       294Mi  353Mi  354Mi      140Mi  147Mi         23Mi    22.1     14.3
+      20000    4.7Mi     583Mi       294Mi  423Mi  425Mi      150Mi  157Mi        234Mi    99.3     68.1
+
+Over the epoch, memory stays where reading left it (+1-2 MiB). With ten times the rows, heap after
+reading is 70 MiB larger: the records' text and annotations (about 4 KiB a row as Python dicts),
+not pixels (keeping them would take 234 MiB more).
 """
 from __future__ import annotations
 
