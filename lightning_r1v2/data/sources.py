@@ -281,6 +281,7 @@ def _read_dataset(path: str, fmt: str, cols: ColumnMap, strict: bool, check_imag
                 try:
                     rec = {k: v for k, v in cells.items() if k not in renamed}
                     for ours, col in mapping.items():
+                        rec.pop(ours, None)  # a column under our name is not the mapped one
                         if col is not None and cells[col] is not None:
                             rec[ours] = cells[col]
                     rec.setdefault("id", f"{Path(name).stem}-{row}")
