@@ -223,6 +223,13 @@ def test_images_as_paths_and_several_per_row(tmp_path):
     assert "image" not in records[1] and records[1]["id"] == "y"
 
 
+def test_a_column_under_our_name_never_stands_in_for_the_mapped_one(tmp_path):
+    rows = [{**GOOD, "question": "an unrelated column"}, {**GOOD, "problem": None, "question": "an unrelated column"}]
+    path = _parquet(tmp_path / "both.parquet", rows)
+    records, report = read_source(path, columns=GEO, strict=False)
+    assert [r["question"] for r in records] == ["How many red shapes?"] and dict(report.skipped) == {"missing_field": 1}
+
+
 def test_a_glob_reads_every_shard_and_names_each(tmp_path):
     for i in range(2):
         _parquet(tmp_path / f"part-{i}.parquet", [GOOD, {**GOOD, "answer": str(i + 5)}])
