@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -380,3 +381,26 @@ def test_the_readme_yaml_of_a_parquet_source_builds_the_datamodule():
     assert data["class_path"] == "lightning_r1v2.data.datamodule.R1V2DataModule"
     dm = R1V2DataModule(**data["init_args"])
     assert dm.hparams.columns["image_key"] == "images" and dm.hparams.max_pixels == 1280 * 28 * 28
+
+
+def test_arrow_shards_read_as_the_hf_folder_they_come_from(every_format):
+    folder = Path(_path(every_format, "hf"))
+    shards = str(folder / "data-*.arrow")
+    got, _ = read_source(shards)  # format auto: .arrow
+    want, _ = read_source(str(folder))
+    assert [r["id"] for r in got] == [r["id"] for r in want] and len(got) == 12
+    assert got[0]["image"][0]["dataset"].startswith("arrow:") and got[0]["_source"].endswith(".arrow:row 0")
+    with open_image(got[4]["image"][0]) as a, open_image(want[4]["image"][0]) as b:
+        assert a.tobytes() == b.tobytes()
+
+
+def test_a_bad_row_of_a_save_to_disk_folder_names_folder_and_row(tmp_path):
+    import datasets
+
+    rows, kind, words = PARQUET_CASES["placeholder_no_image"]
+    folder = tmp_path / "geo"
+    datasets.Dataset.from_list(rows).cast_column("images", datasets.List(datasets.Image())).save_to_disk(str(folder))
+    with pytest.raises(RecordError, match=rf"^{folder}:row 1: {re.escape(words)}"):
+        read_source(str(folder), columns=GEO)
+    records, report = read_source(str(folder), columns=GEO, strict=False)
+    assert len(records) == 1 and dict(report.skipped) == {kind: 1}
