@@ -324,6 +324,19 @@ def test_fit_pixels_keeps_the_aspect():
     assert fit_pixels((30, 30), min_pixels=100, max_pixels=10_000) == (30, 30)
 
 
+def test_load_images_scales_into_the_records_pixel_bounds(tmp_path):
+    from lightning_r1v2.data.collate import load_images
+
+    Image.new("RGB", (10, 40), (9, 9, 9)).save(tmp_path / "thin.png")
+    Image.new("RGB", (400, 300), (9, 9, 9)).save(tmp_path / "wide.png")
+    rec = {"image": [str(tmp_path / "thin.png"), str(tmp_path / "wide.png")]}
+    assert [im.size for im in load_images(rec)] == [(10, 40), (400, 300)]
+    rec["_resize"] = [1600, 12 * 100 * 100]  # thin: x2 up to 20 x 80; wide: 120,000 px, within bounds
+    assert [im.size for im in load_images(rec)] == [(20, 80), (400, 300)]
+    rec["_resize"] = [0, 300 * 100]  # wide: scale 0.5 -> 200 x 150
+    assert [im.size for im in load_images(rec)] == [(10, 40), (200, 150)]
+
+
 def _qwen_without_a_pixel_cap(tmp_path):
     """The tiny qwen2_vl folder with Qwen2-VL's stock pixel bound (12.8M px): big images, many patches."""
     from tiny_families import build_family
