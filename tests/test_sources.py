@@ -417,3 +417,19 @@ def test_a_bad_row_of_a_save_to_disk_folder_names_folder_and_row(tmp_path):
         read_source(str(folder), columns=GEO)
     records, report = read_source(str(folder), columns=GEO, strict=False)
     assert len(records) == 1 and dict(report.skipped) == {kind: 1}
+
+
+def test_build_pairs_writes_text_only_and_multi_image_records_back(tmp_path):
+    """``jobs/sampling.output_record`` (build-pairs, prefilter) on records read from JSONL: read back the same."""
+    from lightning_r1v2.jobs.sampling import output_record
+
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "a.png")
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "t", "question": "What is 2 + 3?", "answer": "5"}) + "\n"
+                   + json.dumps({"id": "m", "image": ["a.png", "a.png"], "question": "Same?", "answer": "yes"}) + "\n")
+    records, _ = read_records(src)
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps(output_record(r, tmp_path)) + "\n" for r in records))
+    assert [json.loads(line).get("image") for line in out.read_text().splitlines()] == [None, ["a.png", "a.png"]]
+    again, _ = read_records(out)
+    assert [r.get("image") for r in again] == [r.get("image") for r in records]
