@@ -27,7 +27,7 @@ CASES = {
     "non_utf8.jsonl": ("not_utf8", "line is not valid UTF-8 (invalid start byte at byte 61)"),
     "placeholder_in_question.jsonl": ("image_placeholder", "'question' contains the image placeholder text <IMG_CONTEXT>"),
     "extra_placeholders.jsonl": ("image_placeholder", "'question' contains the image placeholder text <img>, </img>"),
-    "placeholder_no_image.jsonl": ("missing_field", "missing field 'image'"),
+    "placeholder_no_image.jsonl": ("image_placeholder", "'question' contains the image placeholder text <image>"),
 }
 
 

@@ -15,12 +15,14 @@ import torch
 from PIL import Image
 
 from ..models.inputs import policy_io, split_encoding
+from .sources import fit_pixels, open_image
 
 IGNORE_INDEX = -100
 
 
 def record_images(record: dict) -> list:
-    """The record's image paths (``image``: a path, a list of paths, or absent/None: text only)."""
+    """The record's image entries, one per image (``image``: a path or an embedded-image reference
+    of ``sources.py``, a list of them, or absent/None: text only)."""
     img = record.get("image")
     if img is None:
         return []
@@ -48,10 +50,15 @@ def prompt_text(processor, record: dict) -> str:
 
 
 def load_images(record: dict) -> list[Image.Image]:
+    """The record's images, decoded now (from files or the dataset's table), RGB, and scaled
+    (aspect kept) into ``record["_resize"] = [min_pixels, max_pixels]`` when the DataModule set it."""
+    lo, hi = record.get("_resize") or (0, 0)
     out = []
     for p in record_images(record):
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
+        with open_image(p) as im:
+            im = im.convert("RGB")
+        size = fit_pixels(im.size, lo, hi)
+        out.append(im if size == im.size else im.resize(size, Image.Resampling.BICUBIC))
     return out
 
 

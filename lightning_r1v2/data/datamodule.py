@@ -1,4 +1,5 @@
-"""DataModules: records from JSONL files, validated, length-filtered and batched.
+"""DataModules: records from JSONL, Hugging Face datasets, parquet/arrow or LLaVA JSON
+(``sources.py``), validated, length-filtered and batched.
 
 The processor comes from the LightningModule (``trainer.lightning_module.processor``), so data
 and model always agree on the tokenizer and the number of image tokens.
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .collate import PromptCollator, SFTCollator, prompt_text, record_images
 from ..utils.distributed import world_and_rank
-from .records import read_records
+from .sources import FORMATS, ColumnMap, fit_pixels, open_image, read_source
 
 log = logging.getLogger("lightning_r1v2.data")
 
@@ -98,17 +99,24 @@ class StatefulRandomSampler(DistributedSampler):
         self.epoch, self._resume_from = int(state["epoch"]), int(state["consumed"])
 
 
+def _image_sizes(record: dict) -> list[tuple[int, int]]:
+    """The record's image sizes as the processor gets them (after ``_resize``)."""
+    out = []
+    for p in record_images(record):
+        with open_image(p) as im:
+            out.append(fit_pixels(im.size, *(record.get("_resize") or (0, 0))))
+    return out
+
+
 def prompt_length(processor, record: dict) -> int:
     """Tokens of the record's expanded prompt (text plus image tokens), without running the model.
 
     The processor expands the prompt over blank images of the record's image sizes (the image
     token count depends only on the size: tiles, patches), so the count is exact for every family.
+    Sizes are those ``load_images`` gives (after ``record["_resize"]``); only image headers are read.
     """
     text = prompt_text(processor, record)
-    sizes = []
-    for p in record_images(record):
-        with Image.open(p) as im:
-            sizes.append(im.size)
+    sizes = _image_sizes(record)
     kw = {"images": [Image.new("RGB", wh) for wh in sizes]} if sizes else {}
     return len(processor(text=[text], **kw)["input_ids"][0])
 
@@ -117,8 +125,9 @@ class R1V2DataModule(L.LightningDataModule):
     """Records for every stage.
 
     Args:
-        train_file: JSONL of training records (prompts for GRPO, SFT targets in ``response``).
-        val_file: JSONL of held-out records (evaluated by generation).
+        train_file: Training records (prompts for GRPO, SFT targets in ``response``): a JSONL
+            file, a ``save_to_disk`` folder, parquet/arrow files (a path or a glob) or LLaVA JSON.
+        val_file: Held-out records (evaluated by generation), in the same kinds of source.
         kind: ``sft`` (prompt + response batches) or ``prompts`` (prompts only, for GRPO).
         batch_size: Records per training batch (GRPO: prompts per step).
         eval_batch_size: Records per validation batch (batched generation).
@@ -129,6 +138,13 @@ class R1V2DataModule(L.LightningDataModule):
         max_val_records: Use only the first N held-out records (0: all).
         seed: Shuffling seed.
         num_workers: DataLoader workers.
+        format: ``auto`` (from the path), ``jsonl``, ``hf``, ``parquet``, ``arrow`` or ``llava``.
+        columns: Dataset column names (``hf``/``parquet``/``arrow``): ``question_key``,
+            ``answer_key``, ``image_key``, ``choices_key``, ``response_key``, ``id_key``
+            (``sources.ColumnMap``), e.g. ``{question_key: problem, image_key: images}``.
+        max_pixels: Images larger than this (width x height) are scaled down, aspect kept, before
+            the processor sees them (0: never), for every family; bounds tiles and patches.
+        min_pixels: Images smaller than this are scaled up, aspect kept (0: never).
     """
 
     def __init__(
@@ -144,10 +160,19 @@ class R1V2DataModule(L.LightningDataModule):
         max_val_records: int = 0,
         seed: int = 0,
         num_workers: int = 0,
+        format: str = "auto",
+        columns: dict[str, str] | None = None,
+        max_pixels: int = 0,
+        min_pixels: int = 0,
     ):
         super().__init__()
         if kind not in ("sft", "prompts"):
             raise ValueError(f"kind must be 'sft' or 'prompts', got {kind!r}")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        ColumnMap.build(columns)  # unknown keys fail here, before any data is read
+        if min_pixels < 0 or max_pixels < 0 or (max_pixels and min_pixels > max_pixels):
+            raise ValueError(f"need 0 <= min_pixels <= max_pixels (or max_pixels 0), got {min_pixels}, {max_pixels}")
         self.save_hyperparameters()
         self.train_records: list[dict] = []
         self.val_records: list[dict] = []
@@ -162,10 +187,13 @@ class R1V2DataModule(L.LightningDataModule):
 
     def _load(self, path: str, limit: int) -> list[dict]:
         hp = self.hparams
-        records, report = read_records(path, strict=hp.strict)
+        records, report = read_source(path, format=hp.format, columns=hp.columns, strict=hp.strict)
         self.skipped.update(report.skipped)
         if limit:
             records = records[:limit]
+        if hp.max_pixels or hp.min_pixels:
+            for r in records:
+                r["_resize"] = [hp.min_pixels, hp.max_pixels]
         if hp.kind == "sft" and path == hp.train_file:
             missing = [r["_source"] for r in records if not r.get("response")]
             if missing:
@@ -175,7 +203,9 @@ class R1V2DataModule(L.LightningDataModule):
             n = prompt_length(self._processor(), r)
             if n > hp.max_prompt_tokens:
                 self.skipped["prompt_too_long"] += 1
-                log.warning("%s: prompt has %d tokens (limit %d), skipped", r["_source"], n, hp.max_prompt_tokens)
+                sizes = _image_sizes(r)
+                log.warning("%s: prompt has %d tokens (limit %d)%s, skipped", r["_source"], n, hp.max_prompt_tokens,
+                            f"; images of {sizes} pixels (max_pixels resizes them)" if sizes else "")
                 continue
             kept.append(r)
         return kept

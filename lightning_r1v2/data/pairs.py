@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from .collate import prompt_response_batch
 from .datamodule import R1V2DataModule, RecordDataset, loader_generator
-from .records import ReadReport, read_records
+from .records import ReadReport
+from .sources import read_source
 
 log = logging.getLogger("lightning_r1v2.data")
 
@@ -52,15 +53,17 @@ def validate_pair(rec: dict) -> tuple[str, str] | None:
     return None
 
 
-def read_pairs(path: str | Path, strict: bool = True, check_images: bool = True) -> tuple[list[dict], ReadReport]:
-    """Read and validate a pairs JSONL file.
+def read_pairs(path: str | Path, strict: bool = True, check_images: bool = True, format: str = "auto",
+               columns: dict | None = None) -> tuple[list[dict], ReadReport]:
+    """Read and validate a pairs file (JSONL, or any source of ``sources.read_source`` whose rows
+    carry ``chosen`` / ``rejected``).
 
-    Every line is first checked as a record by ``read_records`` (same ``file:line: reason``
+    Every line is first checked as a record by ``read_source`` (same ``file:line: reason``
     errors, images made absolute), then its pair fields by ``validate_pair``. Pairs without a
     ``pair_id`` get ``"<id>#<line>"``; a repeated ``pair_id`` is an error. Strict: the first bad
     line raises ``RecordError``; else bad lines are skipped and counted in the report.
     """
-    records, report = read_records(path, strict=strict, check_images=check_images)
+    records, report = read_source(path, format=format, columns=columns, strict=strict, check_images=check_images)
     pairs: list[dict] = []
     seen: dict[str, str] = {}
     for rec in records:
@@ -120,6 +123,10 @@ class PreferenceDataModule(R1V2DataModule):
         max_val_records: Use only the first N held-out records (0: all).
         seed: Shuffling seed.
         num_workers: DataLoader workers.
+        format: Source format of both files (``auto``: from each path; see ``R1V2DataModule``).
+        columns: Dataset column names (see ``R1V2DataModule``).
+        max_pixels: Scale larger images down before the processor (0: never).
+        min_pixels: Scale smaller images up (0: never).
     """
 
     def __init__(
@@ -134,11 +141,16 @@ class PreferenceDataModule(R1V2DataModule):
         max_val_records: int = 0,
         seed: int = 0,
         num_workers: int = 0,
+        format: str = "auto",
+        columns: dict[str, str] | None = None,
+        max_pixels: int = 0,
+        min_pixels: int = 0,
     ):
         super().__init__(
             train_file=train_file, val_file=val_file, kind="prompts", batch_size=batch_size,
             eval_batch_size=eval_batch_size, max_prompt_tokens=max_prompt_tokens, strict=strict,
             max_train_records=max_train_pairs, max_val_records=max_val_records, seed=seed, num_workers=num_workers,
+            format=format, columns=columns, max_pixels=max_pixels, min_pixels=min_pixels,
         )
         # the parent's hyperparameters that this signature names differently or fixes
         self.hparams.update(kind="prompts", max_train_records=max_train_pairs)
@@ -146,9 +158,12 @@ class PreferenceDataModule(R1V2DataModule):
     def setup(self, stage: str | None = None):
         hp = self.hparams
         if stage in ("fit", None) and not self.train_records:
-            pairs, report = read_pairs(hp.train_file, strict=hp.strict)
+            pairs, report = read_pairs(hp.train_file, strict=hp.strict, format=hp.format, columns=hp.columns)
             self.skipped.update(report.skipped)
             self.train_records = pairs[: hp.max_train_pairs] if hp.max_train_pairs else pairs
+            if hp.max_pixels or hp.min_pixels:
+                for r in self.train_records:
+                    r["_resize"] = [hp.min_pixels, hp.max_pixels]
             if not self.train_records:
                 raise ValueError(f"{hp.train_file}: no usable preference pairs (run `cli.py build-pairs` first)")
         if hp.val_file and not self.val_records and stage in ("fit", "validate", "test", None):

@@ -2,7 +2,7 @@
 
 One JSON object per line; image paths are relative to the JSONL file::
 
-    {"id", "image" (path or list of paths), "question", "answer",
+    {"id", "image"? (path or list of paths; absent or null: text only), "question", "answer",
      "choices"?, "annotations"?, "tests"?, "response"?}
 
 Every record is validated. In strict mode the first bad record raises ``RecordError`` with
@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger("lightning_r1v2.data")
 
-REQUIRED = ("id", "image", "question", "answer")
+REQUIRED = ("id", "question", "answer")  # no "image": a text-only record
 MAX_QUESTION_CHARS = 4000
 # Image placeholder strings of InternVL-style processors (and the generic ``<image>``). Images come
 # from the ``image`` field; the processor writes one placeholder per image and expands it. The
@@ -102,9 +102,10 @@ def validate_record(rec, root: Path, check_images: bool = True) -> tuple[str, st
                 f"{key!r} contains the image placeholder text {', '.join(found)}; images are given by the "
                 "'image' field and placed by the processor, so this text would ask for image tokens no image fills"
             )
-    images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
-    if not images or not all(isinstance(p, str) and p for p in images):
-        return "wrong_type", "'image' must be a path or a non-empty list of paths"
+    img = rec.get("image")
+    images = [] if img is None else img if isinstance(img, list) else [img]
+    if img is not None and (not images or not all(isinstance(p, str) and p for p in images)):
+        return "wrong_type", "'image' must be a path or a non-empty list of paths (absent or null: text only)"
     if "choices" in rec and rec["choices"] is not None:
         if not isinstance(rec["choices"], list) or not all(isinstance(c, (str, int, float)) for c in rec["choices"]):
             return "wrong_type", "'choices' must be a list of strings"
@@ -159,9 +160,10 @@ def read_records(path: str | Path, strict: bool = True, check_images: bool = Tru
             rec["answer"] = str(rec["answer"])
             if rec.get("choices") is not None:
                 rec["choices"] = [str(c) for c in rec["choices"]]
-            images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
-            rec["image_rel"] = rec["image"]
-            rec["image"] = [str(root / p) for p in images]
+            if rec.get("image") is not None:
+                images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
+                rec["image_rel"] = rec["image"]
+                rec["image"] = [str(root / p) for p in images]
             rec["_source"] = f"{path}:{lineno}"
             records.append(rec)
     report.kept = len(records)

@@ -20,6 +20,7 @@ so a claim in the reasoning can be checked against the image. Same seed, same by
 """
 from __future__ import annotations
 
+import io
 import json
 import random
 from dataclasses import dataclass, field
@@ -142,30 +143,93 @@ def reference_response(counts: dict[str, int], answer: str) -> str:
     return f"<think> {listed} </think> \\boxed{{{answer}}}"
 
 
+def draw_records(split: str, n: int, seed: int, cfg: TaskConfig):
+    """Yield ``n`` records of ``split`` (without ``image``) with their images, in order."""
+    rng = random.Random(f"{seed}-{split}")
+    i = 0
+    while i < n:
+        img, ann = draw_scene(rng, cfg)
+        q = make_question(rng, cfg, ann["counts"])
+        if q is None:
+            continue
+        rec = {"id": f"{split}-{i:06d}", "question": q["question"], "answer": q["answer"]}
+        if "choices" in q:
+            rec["choices"] = q["choices"]
+        rec["type"] = q["type"]
+        rec["annotations"] = ann
+        rec["response"] = reference_response(ann["counts"], q["answer"])
+        yield rec, img
+        i += 1
+
+
 def generate_split(out: Path, split: str, n: int, seed: int, cfg: TaskConfig) -> Path:
     """Write ``n`` records and their PNGs under ``out``; return the JSONL path."""
-    rng = random.Random(f"{seed}-{split}")
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     path = out / f"{split}.jsonl"
     with path.open("w") as f:
-        i = 0
-        while i < n:
-            img, ann = draw_scene(rng, cfg)
-            q = make_question(rng, cfg, ann["counts"])
-            if q is None:
-                continue
+        for i, (rec, img) in enumerate(draw_records(split, n, seed, cfg)):
             rel = f"images/{split}/{i:06d}.png"
             img.save(out / rel, format="PNG", optimize=False)
-            rec = {"id": f"{split}-{i:06d}", "image": rel, "question": q["question"], "answer": q["answer"]}
-            if "choices" in q:
-                rec["choices"] = q["choices"]
-            rec["type"] = q["type"]
-            rec["annotations"] = ann
-            rec["response"] = reference_response(ann["counts"], q["answer"])
-            f.write(json.dumps(rec) + "\n")
-            i += 1
+            f.write(json.dumps({"id": rec["id"], "image": rel, **rec}) + "\n")
     return path
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def write_llava(out: Path, split: str, n: int, seed: int, cfg: TaskConfig) -> Path:
+    """LLaVA-style JSON: ``{split}.json``, a list of ``{id, image, conversations, answer, ...}`` (PNGs beside)."""
+    img_dir = out / "images" / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (rec, img) in enumerate(draw_records(split, n, seed, cfg)):
+        rel = f"images/{split}/{i:06d}.png"
+        img.save(out / rel, format="PNG", optimize=False)
+        turns = [{"from": "human", "value": "<image>\n" + rec.pop("question")},
+                 {"from": "gpt", "value": rec.pop("response")}]
+        rows.append({"id": rec.pop("id"), "image": rel, "conversations": turns, **rec})
+    path = out / f"{split}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    return path
+
+
+def _dataset(rows: list[dict], image_column: str, many: bool):
+    import datasets
+
+    image = datasets.Image()
+    return datasets.Dataset.from_list(rows).cast_column(image_column, datasets.List(image) if many else image)
+
+
+def write_parquet(out: Path, split: str, n: int, seed: int, cfg: TaskConfig) -> Path:
+    """``{split}.parquet`` in geometry3k's column layout: ``images`` (a list of ``{bytes, path}``, the
+    PNG embedded), ``problem`` (the question after an ``<image>`` mark), ``answer``; plus ``id``,
+    ``choices``, ``type``, ``annotations``, ``response``."""
+    rows = []
+    for i, (rec, img) in enumerate(draw_records(split, n, seed, cfg)):
+        row = {"images": [{"bytes": _png(img), "path": f"{i:06d}.png"}], "problem": "<image>" + rec.pop("question")}
+        rows.append({**row, **rec, "choices": rec.get("choices")})
+    path = out / f"{split}.parquet"
+    _dataset(rows, "images", many=True).to_parquet(str(path))
+    return path
+
+
+def write_hf(out: Path, split: str, n: int, seed: int, cfg: TaskConfig) -> Path:
+    """A ``save_to_disk`` folder ``{split}/`` with our field names and one embedded ``image`` per row."""
+    rows = []
+    for i, (rec, img) in enumerate(draw_records(split, n, seed, cfg)):
+        rows.append({"image": {"bytes": _png(img), "path": f"{i:06d}.png"}, **rec, "choices": rec.get("choices")})
+    path = out / split
+    _dataset(rows, "image", many=False).save_to_disk(str(path))
+    return path
+
+
+WRITERS = {"jsonl": generate_split, "llava": write_llava, "parquet": write_parquet, "hf": write_hf}
+# the column mapping each format needs in the DataModule (``columns``)
+COLUMNS = {"parquet": {"question_key": "problem", "image_key": "images"}}
 
 
 def make_data(
@@ -176,8 +240,10 @@ def make_data(
     seed: int = 0,
     difficulty: str = "easy",
     image_size: int = 0,
+    format: str = "jsonl",
 ) -> dict[str, str]:
-    """Generate the synthetic task: ``train.jsonl``, ``val.jsonl`` (and ``test.jsonl``) with PNGs.
+    """Generate the synthetic task: ``train.jsonl``, ``val.jsonl`` (and ``test.jsonl``) with PNGs,
+    or the same records in another shape (``format``).
 
     Each split draws from its own stream (seed and split name), so the held-out split never
     shares a scene with training, and the same seed writes the same bytes.
@@ -191,13 +257,19 @@ def make_data(
         difficulty: ``easy``, ``medium`` or ``hard`` (``hard`` draws 48 px images: give the tiny
             model ``image_size: 48`` too, so that its 9 image tokens match the 3x3 cells).
         image_size: Image side in pixels (0: 16 per cell).
+        format: ``jsonl`` (``{split}.jsonl`` + PNGs), ``llava`` (``{split}.json`` + PNGs),
+            ``parquet`` (``{split}.parquet``, geometry3k's columns, images embedded; read it with
+            ``columns: {question_key: problem, image_key: images}``) or ``hf`` (``save_to_disk``
+            folders ``{split}/``, images embedded). The same seed gives the same records in each.
     """
+    if format not in WRITERS:
+        raise ValueError(f"format must be one of {sorted(WRITERS)}, got {format!r}")
     cfg = TaskConfig(difficulty=difficulty, image_size=image_size)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     written = {}
     for split, n in (("train", train), ("val", val), ("test", test)):
         if n > 0:
-            written[split] = str(generate_split(root, split, n, seed, cfg))
+            written[split] = str(WRITERS[format](root, split, n, seed, cfg))
             print(f"make-data: wrote {n} records to {written[split]}")
     return written

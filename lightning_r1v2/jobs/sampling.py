@@ -92,6 +92,8 @@ def load_records(data: str, limit: int = 0, strict: bool = True) -> list[dict]:
 def output_record(rec: dict, out_dir: str | Path) -> dict:
     """``rec`` ready to write into ``out_dir``: no internal keys, image paths relative to that folder
     when the images lie under it (so data and images move together), else absolute."""
+    if rec.get("image") is None:  # a text-only record
+        return {k: v for k, v in rec.items() if k not in _INTERNAL}
     images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
     rel = []
     for p in images:
