@@ -187,7 +187,7 @@ sys.argv = ["main.py"]
 with open("main.py", "rb") as _f:
     _code = compile(_f.read(), "main.py", "exec")
 del _f
-def _harness(fd, calls, dumps=json.dumps, write=os.write, T=type, isfinite=__import__("math").isfinite):
+def _harness(fd, calls, dumps=json.dumps, write=os.write, T=type, ev=eval, isfinite=__import__("math").isfinite):
     def enc(x, depth):
         t = T(x)
         if depth > 64:
@@ -212,7 +212,7 @@ def _harness(fd, calls, dumps=json.dumps, write=os.write, T=type, isfinite=__imp
     def run(g):
         for i, c in enumerate(calls):
             try:
-                line = dumps([i, "ok", enc(eval(c, g), 0)])
+                line = dumps([i, "ok", enc(ev(c, g), 0)])
             except BaseException as e:
                 try:
                     line = dumps([i, "error", T(e).__name__])
