@@ -100,6 +100,7 @@ def _setup():
         if os.getuid() != uid or os.geteuid() != uid or os.getegid() != gid:
             os._exit(70)
     os.umask(0o077)
+    os.environ.pop("PWD", None)
     import re, stat, signal
     proc_re = re.compile(r"^/proc/(\d+)(/|$)")
     me = str(os.getpid())
@@ -523,7 +524,7 @@ def _execute(rt, code, stdin, timeout, memory_mb, cpu, cap, file_size_mb, nproc,
             ]  # fmt: skip
             if calls_path:
                 argv += ["--ro-bind", calls_path, inner + "/calls.json"]
-            argv += ["--chdir", inner, "--clearenv"]
+            argv += ["--remount-ro", "/", "--chdir", inner, "--clearenv"]
             for k, v in {**_ENV_BASE, "HOME": inner, "TMPDIR": inner}.items():
                 argv += ["--setenv", k, v]
             argv += ["--", rt.python, "-I", "-S", "-c", _PRELUDE, inner, *limits, "-1", "-1", ""]
