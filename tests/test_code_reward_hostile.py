@@ -8,7 +8,7 @@ After the run: the trainer is alive, nothing the probes wrote is left in /tmp, /
 /dev/shm. Run as root, and as a normal user made for the test (``useradd``).
 
 What runs depends on the machine: with bubblewrap (``isolation() == "bwrap"``) every probe must
-fail. Without it, the ``os_level`` probes (ctypes) are not contained and the sandbox must have
+fail. Without it, the ``needs_bwrap`` probes (ctypes, filling the disk) are not contained and the sandbox must have
 said so in its warning; the test checks that instead (see the README's sandbox section).
 """
 import json
@@ -50,7 +50,7 @@ def cread(path):
 TOK = re.compile(rb"tok-[0-9a-f]{16}")
 """
 
-# (id, program, tests, expected score, os_level)
+# (id, program, tests, expected score, needs_bwrap: contained only with bubblewrap, see the README table)
 CORPUS = [
     # --- right programs: must score 1 ---
     ("right_square", "def f(x):\n    return x * x", SQUARE, 1.0, False),
@@ -117,17 +117,17 @@ CORPUS = [
     ("leave_files", LIBC + "tag = input().split()[2]\nfor d in ('/tmp', '/dev/shm', '/var/tmp'):\n"
      "    fd = libc.open(f'{d}/" + LEAK + "-{tag}'.encode(), os.O_CREAT | os.O_WRONLY, 0o666)\n"
      "    libc.write(fd, b'x', 1)\nprint('')", None, 0.0, True),
-    ("fill_disk", "import os\ntry:\n    for i in range(10000):\n        with open(f'f{i}', 'wb') as f:\n"
-     "            f.write(b'x' * (4 << 20))\nexcept OSError:\n    pass\nprint('')", None, 0.0, False),
+    ("fill_disk", "import os\ntry:\n    for i in range(64):\n        with open(f'f{i}', 'wb') as f:\n"
+     "            f.write(b'x' * (4 << 20))\nexcept OSError:\n    pass\nprint('')", None, 0.0, True),  # 256 MiB as files
 ]
 
 
 def corpus_rows(token):
     rows = []
-    for rid, prog, tests, expect, os_level in CORPUS:
+    for rid, prog, tests, expect, needs_bwrap in CORPUS:
         if tests is None:  # stdin/stdout test whose expected output is the secret
             tests = [{"input": f"PORT UNIX {token}\n", "output": token}]
-        rows.append({"id": rid, "completion": block(prog), "tests": tests, "expect": expect, "os_level": os_level})
+        rows.append({"id": rid, "completion": block(prog), "tests": tests, "expect": expect, "needs_bwrap": needs_bwrap})
     return rows
 
 
@@ -141,17 +141,17 @@ def leftovers():
     return found
 
 
-def run_corpus(user=None, legacy=False, os_level=True):
+def run_corpus(user=None, legacy=False, needs_bwrap=True):
     """Score the corpus in a runner process (as ``user`` when given; ``legacy``: without bubblewrap).
 
-    ``os_level=False`` leaves out the ctypes probes (as a normal user without bubblewrap they
-    would kill the runner: that gap is documented, not contained). Returns (rows, scores, the
+    ``needs_bwrap=False`` leaves out the probes only bubblewrap contains (as a normal user without
+    it they would kill the runner: that gap is documented, not contained). Returns (rows, scores, the
     runner's stderr)."""
     token = "tok-" + secrets.token_hex(8)
     folder = tempfile.mkdtemp(prefix="r1v2-hostile-")
     os.chmod(folder, 0o777)  # the normal user's runner binds its unix socket here
     data = os.path.join(folder, "data.jsonl")
-    rows = [r for r in corpus_rows(token) if os_level or not r["os_level"]]
+    rows = [r for r in corpus_rows(token) if needs_bwrap or not r["needs_bwrap"]]
     with open(data, "w") as f:
         for r in rows:
             f.write(json.dumps({k: r[k] for k in ("id", "completion", "tests")}) + "\n")
@@ -185,7 +185,7 @@ def check(rows, scores, stderr, mode):
     assert leftovers() == [], "a probe left files in a shared folder"
     wrong = {}
     for r in rows:
-        if mode != "bwrap" and r["os_level"]:
+        if mode != "bwrap" and r["needs_bwrap"]:
             continue  # not contained without bubblewrap; the warning must say so (below)
         if scores[r["id"]] != r["expect"]:
             wrong[r["id"]] = scores[r["id"]]
@@ -223,6 +223,8 @@ def test_hostile_corpus_as_a_normal_user(normal_user):
     rows, scores, stderr = run_corpus(normal_user if os.geteuid() == 0 else None)
     # The runner's own probe decides its mode; read it back from its warning.
     mode = "legacy" if "SANDBOX NOT ISOLATED" in stderr else "bwrap"
+    if isolation() == "bwrap":  # as root, bwrap already runs as an unprivileged uid: a user gets it too
+        assert mode == "bwrap", stderr[-2000:]
     if mode == "legacy":
         assert LEGACY_GAPS_USER in stderr
     check(rows, scores, stderr, mode)
@@ -233,7 +235,7 @@ def test_hostile_corpus_without_bubblewrap(as_user, normal_user):
     # The fallback: Python-level probes still fail, and the warning names what is not contained.
     user_mode = as_user or os.geteuid() != 0
     rows, scores, stderr = run_corpus(normal_user if as_user and os.geteuid() == 0 else None, legacy=True,
-                                      os_level=not user_mode)
+                                      needs_bwrap=not user_mode)
     check(rows, scores, stderr, "legacy")
     gaps = LEGACY_GAPS_USER if user_mode else LEGACY_GAPS_ROOT
     assert gaps in stderr and "R1V2_SANDBOX=legacy" in stderr

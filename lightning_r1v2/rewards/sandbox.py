@@ -29,7 +29,7 @@ contained. As root: an unprivileged uid per job (file permissions, ``RLIMIT_NPRO
 uid), a network namespace (``unshare --net``); files the job writes to ``/tmp``, ``/dev/shm`` and
 ``/var/tmp`` are removed after it. Not contained as root: reading world-readable files
 (including the data if world-readable), seeing other processes in ``/proc``, filesystem unix
-sockets. As a normal user only the audit hook below stands: a program using ``ctypes`` or
+sockets, the total size written (only ``RLIMIT_FSIZE`` per file). As a normal user only the audit hook below stands: a program using ``ctypes`` or
 disarming the hook from pure Python (its closure is reachable through ``gc``) can read and write
 whatever our user can, signal the trainer, and use the network.
 
@@ -336,13 +336,14 @@ _PROBE = "import fractions, json, collections\nprint('ok')"
 # What the legacy mode leaves uncontained, per case; the one-time warning quotes it.
 LEGACY_GAPS_ROOT = (
     "no bubblewrap: as root the job runs as its own uid with no network, but it can read every "
-    "world-readable file (the data too, if world-readable), see other processes in /proc, and reach "
-    "filesystem unix sockets"
+    "world-readable file (the data too, if world-readable), see other processes in /proc, reach "
+    "filesystem unix sockets, and fill the disk (only each file's size is capped)"
 )
 LEGACY_GAPS_USER = (
     "no bubblewrap and not root: only the Python audit hook stands between the program and our user; "
     "through ctypes or by disarming the hook a program can read and write our files (the data and "
-    "expected outputs included), read the trainer's /proc entries, signal or kill the trainer, and use the network"
+    "expected outputs included), read the trainer's /proc entries, signal or kill the trainer, use the network, "
+    "and fill the disk"
 )
 
 
