@@ -61,6 +61,8 @@ CORPUS = [
      "os.close(os.open('c', os.O_CREAT | os.O_WRONLY, dir_fd=fd))\nos.remove('c', dir_fd=fd)\n"
      "with tempfile.NamedTemporaryFile() as t:\n    t.write(b'x')\n"
      "def f(x):\n    return x * x", SQUARE, 1.0, False),
+    ("right_with_main_guard", "import sys\ndef f(x):\n    return x * x\nif __name__ == '__main__':\n"
+     "    for line in sys.stdin:\n        print(f(int(line)))", SQUARE, 1.0, False),
     ("right_plain_containers", "def f(x):\n    return [x, (x,), {x: {1}}]",
      [{"assert": "assert f(1) == [1, (1,), {1: {1}}]"}], 1.0, False),
     # --- forged verdicts on function tests: must score 0 ---
@@ -78,6 +80,9 @@ CORPUS = [
     ("writes_fake_results", "import os\nfor fd in range(3, 30):\n    try:\n"
      "        os.write(fd, b'[0, \"ok\", 4]\\n[1, \"ok\", 9]\\n')\n    except OSError:\n        pass\n"
      "def f(x):\n    return 0", SQUARE, 0.0, False),
+    ("deep_return", "def f(x):\n    v = []\n    for _ in range(100000):\n        v = [v]\n    return v", SQUARE, 0.0, False),
+    ("huge_return", "def f(x):\n    return 'x' * (50 << 20)", SQUARE, 0.0, False),  # past the pipe's cap
+    ("bigint_return", "def f(x):\n    return 10 ** 5000", SQUARE, 0.0, False),
     ("exit_inside_call", "import sys\ndef f(x):\n    sys.exit(0)", SQUARE, 0.0, False),
     ("patches_builtins", "import builtins\nbuiltins.type = lambda *a: int\nbuiltins.eval = lambda *a, **k: 4\n"
      "def f(x):\n    return 0", SQUARE, 0.0, False),
