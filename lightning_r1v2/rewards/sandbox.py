@@ -728,13 +728,14 @@ def _exited_unreaped(pid: int) -> bool:
 def _kill_all(proc, rt: _Runtime, uid: int) -> None:
     """SIGKILL the process group (leader not yet reaped, so the id is still ours) and the job's uid.
 
-    Under bubblewrap, killing bwrap kills the job's PID namespace (``--die-with-parent``).
+    Under bubblewrap, killing bwrap kills the job's PID namespace (``--die-with-parent``), and
+    no process can leave that namespace, so there is no uid-wide sweep.
     """
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if uid >= 0 and rt.kill_bin:
+    if uid >= 0 and rt.kill_bin and not rt.bwrap:
         # kill(-1) as the job's uid: every process of that uid, atomically, and nothing else.
         # Through setpriv when there is one: Popen(user=...) cannot use vfork, and forking a
         # large trainer process costs several milliseconds.
