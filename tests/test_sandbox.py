@@ -63,7 +63,7 @@ def test_infinite_loop_is_killed_at_the_deadline():
 
 
 def test_cpu_limit():
-    res = run("while True:\n    pass", timeout=LIMIT + 1.5, cpu_seconds=1)
+    res = run("while True:\n    pass", timeout=LIMIT + 5, cpu_seconds=1)  # wall slack for a loaded machine
     assert res.killed_reason == "cpu_limit" and not res.timed_out and not res.ok
 
 
