@@ -287,7 +287,9 @@ os.rename("c", "e", src_dir_fd=here, dst_dir_fd=here); os.remove("e", dir_fd=her
 print("inside ok")
 for label, fn in (("open outside dir", lambda: os.open({str(tmp_path)!r}, os.O_RDONLY)),
                   ("mkdir via dir_fd", lambda: os.mkdir("x", dir_fd=os.open("..", os.O_RDONLY))),
-                  ("open ..", lambda: os.open("..", os.O_RDONLY))):
+                  ("open ..", lambda: os.open("..", os.O_RDONLY)),
+                  ("rename out via cwd", lambda: (open("s", "w").close(), os.chdir({str(tmp_path)!r}),
+                                                  os.rename("s", "escaped", src_dir_fd=here)))):
     try:
         fn()
         print("DID", label)
@@ -296,7 +298,9 @@ for label, fn in (("open outside dir", lambda: os.open({str(tmp_path)!r}, os.O_R
 """
     res = run_program(code, timeout=2.0)
     assert res.ok, res.stderr
-    assert res.stdout.splitlines() == ["inside ok", "blocked open outside dir", "blocked mkdir via dir_fd", "blocked open .."]
+    assert res.stdout.splitlines() == [
+        "inside ok", "blocked open outside dir", "blocked mkdir via dir_fd", "blocked open ..", "blocked rename out via cwd"
+    ]
     assert os.listdir(tmp_path) == []
 
 

@@ -57,12 +57,12 @@ def _setup():
         "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname",
         "socket.gethostbyaddr", "socket.getnameinfo", "socket.sethostname", "os.pidfd_open",
     ))
-    # event -> (indexes of path arguments, index of the dir_fd argument or None)
+    # event -> ((index of a path argument, index of its dir_fd argument or None), ...), as CPython 3.11 audits them
     paths = {
-        "os.remove": ((0,), 1), "os.rename": ((0, 1), 2), "os.mkdir": ((0,), 2),
-        "os.rmdir": ((0,), 1), "os.symlink": ((1,), 2), "os.truncate": ((0,), None),
-        "os.chmod": ((0,), 2), "os.chown": ((0,), 3), "os.utime": ((0,), 3),
-        "shutil.rmtree": ((0,), 1), "shutil.copyfile": ((1,), None), "shutil.move": ((1,), None),
+        "os.remove": ((0, 1),), "os.rename": ((0, 2), (1, 3)), "os.mkdir": ((0, 2),),
+        "os.rmdir": ((0, 1),), "os.symlink": ((1, 2),), "os.truncate": ((0, None),),
+        "os.chmod": ((0, 2),), "os.chown": ((0, 3),), "os.utime": ((0, 3),),
+        "shutil.rmtree": ((0, 1),), "shutil.copyfile": ((1, None),), "shutil.move": ((1, None),),
     }
     def resolve(p, dir_fd=None):
         p = fsdecode(p)
@@ -111,12 +111,11 @@ def _setup():
             if args[0] != int(me):
                 deny("signalling another process")
         elif event in paths:
-            idx, fd_at = paths[event]
-            dir_fd = args[fd_at] if fd_at is not None and fd_at < len(args) else None
-            if not isinstance(dir_fd, int) or isinstance(dir_fd, bool) or dir_fd < 0:
-                dir_fd = None  # CPython passes -1 for "no dir_fd"
-            for i in idx:
-                if not inside(args[i], dir_fd):
+            for i, fd_at in paths[event]:
+                dir_fd = args[fd_at] if fd_at is not None and fd_at < len(args) else None
+                if not isinstance(dir_fd, int) or isinstance(dir_fd, bool) or dir_fd < 0:
+                    dir_fd = None  # CPython passes -1 for "no dir_fd"
+                if i < len(args) and not inside(args[i], dir_fd):
                     deny(event + " outside the working directory")
     sys.addaudithook(hook)
     def no_pidfd_signal(*_a, **_k):
