@@ -353,3 +353,17 @@ def test_reward_fault_rows_and_timeout_validation():
     assert cb.faults_total == 2
     with pytest.raises(ValueError, match="timeout_s"):
         RewardCallback(scaled, timeout_s=0)
+
+
+def test_the_helper_thread_keeps_the_callers_grad_mode():
+    seen = []
+
+    def spy(completions, **kw):
+        seen.append(torch.is_grad_enabled())
+        return [1.0] * len(completions)
+
+    ro = make_rollouts(["a", "b", "c", "d"], RECORDS)
+    with torch.no_grad():
+        RewardCallback(spy).score(ro)
+    RewardCallback(spy).score(ro)
+    assert seen == [False, True]

@@ -223,13 +223,16 @@ class RewardCallback(Callback):
             except SystemExit as e:
                 raise self._aborted(e) from e
         box: dict[str, Any] = {}
+        # Thread-local state the caller's thread had: CUDA device, grad and inference modes.
         device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         def target():
             try:
                 if device is not None:
                     torch.cuda.set_device(device)
-                box["value"] = self.fn(list(completions), **kwargs)
+                with torch.set_grad_enabled(grad), torch.inference_mode(inference):
+                    box["value"] = self.fn(list(completions), **kwargs)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 box["error"] = e
 
