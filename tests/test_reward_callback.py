@@ -358,12 +358,14 @@ def test_reward_fault_rows_and_timeout_validation():
 def test_the_helper_thread_keeps_the_callers_grad_mode():
     seen = []
 
-    def spy(completions, **kw):
-        seen.append(torch.is_grad_enabled())
+    def modes(completions, **kw):
+        seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
         return [1.0] * len(completions)
 
     ro = make_rollouts(["a", "b", "c", "d"], RECORDS)
     with torch.no_grad():
-        RewardCallback(spy).score(ro)
-    RewardCallback(spy).score(ro)
-    assert seen == [False, True]
+        RewardCallback(modes).score(ro)
+    RewardCallback(modes).score(ro)
+    with torch.inference_mode():
+        RewardCallback(modes).score(ro)
+    assert seen == [(False, False), (True, False), (False, True)]

@@ -13,6 +13,7 @@ calls ``sys.exit`` or raises ``KeyboardInterrupt`` itself stops the run with an 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import logging
@@ -231,7 +232,8 @@ class RewardCallback(Callback):
             try:
                 if device is not None:
                     torch.cuda.set_device(device)
-                with torch.set_grad_enabled(grad), torch.inference_mode(inference):
+                # inference_mode(False) would turn grad on: enter it only when it was on
+                with torch.inference_mode() if inference else contextlib.nullcontext(), torch.set_grad_enabled(grad):
                     box["value"] = self.fn(list(completions), **kwargs)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 box["error"] = e
