@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -167,7 +168,10 @@ def run_corpus(user=None, legacy=False, needs_bwrap=True):
         if not os.access(os.path.realpath(python), os.X_OK) or not _runs_as(user, python):
             python = "/usr/bin/python3"
         argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", python, RUNNER, data]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "R1V2_SECRET": token, "HOME": folder}
+    jobs_tmp = os.path.join(folder, "tmp")  # the sandbox makes its job folders here
+    os.mkdir(jobs_tmp)
+    os.chmod(jobs_tmp, 0o777)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "R1V2_SECRET": token, "HOME": folder, "TMPDIR": jobs_tmp}
     if legacy or os.environ.get("R1V2_SANDBOX") == "legacy":
         env["R1V2_SANDBOX"] = "legacy"
     try:
@@ -175,9 +179,31 @@ def run_corpus(user=None, legacy=False, needs_bwrap=True):
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         assert report["alive"] is True  # the trainer survived every probe
+        assert os.listdir(jobs_tmp) == [], "job folders were left behind"
+        assert processes_mentioning(folder) == [], "sandboxed processes outlived their jobs"
         return rows, report["scores"], proc.stderr
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def processes_mentioning(text, wait=2.0):
+    """Live processes whose command line contains ``text`` (killed ones get ``wait`` seconds to go)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if text.encode() in cmd and state not in ("Z", "X"):
+                found.append(int(pid))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def _runs_as(user, python):
