@@ -20,6 +20,7 @@ def block(code):
         ("assert f(1) is None", [Check("f(1)", "is", None)]),
         ("assert not g([])", [Check("g([])", "falsy")]),
         ("assert g([1])", [Check("g([1])", "truthy")]),
+        ("assert f(-2 + 1) == 1", [Check("f(-2 + 1)", "==", 1)]),  # arithmetic on inputs is fine
         ("assert f(2) == 4 and f(3) == 9\nassert f(0) == 0", [Check("f(2)", "==", 4), Check("f(3)", "==", 9), Check("f(0)", "==", 0)]),
         ("assert abs(h(2) - 1.5) < 1e-6", [Check("h(2)", "absdiff<", 1.5, (0.0, 1e-6))]),
         ("assert math.isclose(h(2), 1.5, rel_tol=1e-3)", [Check("h(2)", "isclose", 1.5, (1e-3, 0.0))]),
@@ -45,6 +46,9 @@ def test_assert_forms_become_checks_with_the_expected_value_kept_outside(src, ch
         ({"assert": "assert all(f(x) == x * x for x in range(3))"}, "contains a comparison"),
         ({"assert": "assert f(2).__eq__(4)"}, "uses '__eq__'"),
         ({"assert": "assert operator.eq(f(2), 4)"}, "uses 'eq'"),
+        ({"assert": "assert f(2) - 4 == 0"}, "arithmetic on a call's result"),
+        ({"assert": "assert round(-f(2), 3) == -4"}, "arithmetic on a call's result"),
+        ({"assert": "assert operator.sub(f(2), 4) == 0"}, "uses 'sub'"),
         ({"assert": "assert 1 < f(2) < 3"}, "chained comparisons"),
         ({"assert": "assert 2 == 2"}, "compares two literals"),
         ({"assert": "assert f(2) is 4"}, "only against None"),

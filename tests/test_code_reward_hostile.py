@@ -84,6 +84,8 @@ CORPUS = [
     ("deep_return", "def f(x):\n    v = []\n    for _ in range(100000):\n        v = [v]\n    return v", SQUARE, 0.0, False),
     ("huge_return", "def f(x):\n    return 'x' * (50 << 20)", SQUARE, 0.0, False),  # past the pipe's cap
     ("bigint_return", "def f(x):\n    return 10 ** 5000", SQUARE, 0.0, False),
+    ("sub_always_zero", "class A:\n    def __sub__(self, o):\n        return 0\ndef f(x):\n    return A()",
+     [{"assert": "assert f(2) == 4"}, {"assert": "assert abs(f(3) - 9) < 1e-9"}], 0.0, False),
     ("exit_inside_call", "import sys\ndef f(x):\n    sys.exit(0)", SQUARE, 0.0, False),
     ("patches_builtins", "import builtins\nbuiltins.type = lambda *a: int\nbuiltins.eval = lambda *a, **k: 4\n"
      "def f(x):\n    return 0", SQUARE, 0.0, False),

@@ -14,8 +14,8 @@ Accepted assert forms (one or more ``assert`` statements per entry, joined by ``
     assert abs(E - L) < T  (or <=)    assert math.isclose(E, L, rel_tol=..., abs_tol=...)
 
 where ``L`` and ``T`` are Python literals and ``E`` is any expression without comparisons, boolean
-operators, conditional expressions or dunder attributes (those would let the program's objects
-decide the outcome inside the sandbox). Anything else is rejected when records are read
+operators, conditional expressions, arithmetic on a call's result, operator-module functions or
+dunder attributes (those would let the program's objects decide the outcome inside the sandbox). Anything else is rejected when records are read
 (:func:`parse_tests`, ``file:line: reason``).
 """
 from __future__ import annotations
@@ -39,7 +39,12 @@ _STDIN_KEYS = ("input", "stdin")
 _STDOUT_KEYS = ("output", "stdout", "expected_output")
 _OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.In: "in", ast.NotIn: "not in"}
 _FLIP = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
-_COMPARE_NAMES = {"eq", "ne", "lt", "le", "gt", "ge", "contains", "isclose", "all_equal"}
+# Functions that compare or combine values (operator module and friends): inside the sandbox the
+# program's objects would decide them.
+_COMPARE_NAMES = {
+    "eq", "ne", "lt", "le", "gt", "ge", "contains", "isclose", "all_equal", "add", "sub", "mul", "truediv",
+    "floordiv", "mod", "pow", "matmul", "neg", "pos", "inv", "invert", "and_", "or_", "xor", "lshift", "rshift",
+}
 
 
 def extract_code(text: str) -> str | None:
@@ -133,6 +138,10 @@ def _sandbox_expr(node: ast.expr) -> str:
         if isinstance(sub, (ast.Compare, ast.BoolOp, ast.IfExp, ast.NamedExpr)):
             raise ValueError(f"the tested expression {ast.unparse(node)!r} contains a comparison or condition; "
                              "put the comparison at the top of the assert (assert f(x) == literal)")
+        if isinstance(sub, (ast.BinOp, ast.UnaryOp)) and any(isinstance(n, ast.Call) for n in ast.walk(sub)):
+            # f(2) - 4 == 0: an object returned by f could answer '- 4' with 0 without knowing f(2)
+            raise ValueError(f"the tested expression {ast.unparse(node)!r} does arithmetic on a call's result; "
+                             "compare the result itself (or use abs(E - L) < T / math.isclose)")
         name = sub.attr if isinstance(sub, ast.Attribute) else sub.id if isinstance(sub, ast.Name) else None
         if name is not None and (name.startswith("__") or name in _COMPARE_NAMES):
             raise ValueError(f"the tested expression {ast.unparse(node)!r} uses {name!r}, which could decide "
