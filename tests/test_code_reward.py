@@ -76,6 +76,10 @@ def test_checks_compare_plain_data_with_python_semantics():
     assert Check("e", "is", True).passes(True) and not Check("e", "is", True).passes(1)
 
 
+def test_empty_tests_in_any_form_are_not_applicable():
+    assert code_reward([block("print(1)")] * 4, tests=[None, [], "[]", ""]) == [None] * 4
+
+
 def test_malformed_row_is_a_fault_not_a_pass():
     square = block("def f(x):\n    return x * x")
     out = code_reward([square, square], tests=[[{"input": "2", "expected": "4"}], [{"assert": "assert f(3) == 9"}]])

@@ -370,6 +370,9 @@ def code_reward(
         except ValueError as e:
             out[i] = RewardFault(f"malformed tests: {e}")
             continue
+        if not parsed[i]:  # "[]" as JSON text: not applicable, like an empty list
+            del parsed[i]
+            continue
         code = extract_code(completion)
         out[i] = 0.0
         if code is None:
