@@ -129,3 +129,16 @@ def test_validate_logs_and_measures_each_checkpoint_afresh(tiny_data):
         m.model.get_output_embeddings().weight.mul_(3.0)
     second = trainer.validate(m, dm, verbose=False)[0]
     assert second["entropy/mean"] != pytest.approx(first["entropy/mean"])
+
+
+def test_resume_restores_last_stats_from_history():
+    # After a resume the GRPO module logs ``last_stats`` with the first row: it must be the last
+    # measurement of the checkpoint, not empty (issue 17).
+    cb = CriticalTokenEntropy(num_prompts=1)
+    cb.history = [(50, {"entropy/critical": 1.25, "entropy/high_share": 0.5}), (100, {"entropy/critical": 0.75})]
+    cb.last_stats = {"entropy/critical": 0.75}
+    fresh = CriticalTokenEntropy(num_prompts=1)
+    fresh.load_state_dict(cb.state_dict())
+    assert fresh.last_stats == {"entropy/critical": 0.75} and fresh.history == cb.history
+    fresh.load_state_dict({})
+    assert fresh.last_stats == {} and fresh.history == []

@@ -241,3 +241,131 @@ def test_combine_validates():
         combine_rewards(cols(a=[1.0, 2.0], b=[1.0]))
     with pytest.raises(ValueError):
         combine_rewards({})
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward faults from issue 17: hangs, exits, wrong return types, float32 overflow, mutation
+
+
+def hangs_on_marker(completions, **kw):
+    import time
+
+    if any("HANG" in c for c in completions):
+        time.sleep(5)
+    return [1.0] * len(completions)
+
+
+def exits(completions, **kw):
+    import sys
+
+    sys.exit(0)
+
+
+def interrupts(completions, **kw):
+    raise KeyboardInterrupt
+
+
+def returns_dict(completions, **kw):
+    return {c: 1.0 for c in completions}
+
+
+def returns_str(completions, **kw):
+    return "1" * len(completions)
+
+
+def too_big_for_float32(completions, **kw):
+    return [1e39 if "BIG" in c else 3.0e38 for c in completions]
+
+
+def mutates(completions, annotations, **kw):
+    for a in annotations:
+        a["counts"]["red"] = 99
+    annotations.clear()
+    return [1.0] * len(completions)
+
+
+def test_a_hanging_reward_is_a_counted_fault_naming_the_reward(caplog):
+    ro = make_rollouts(["ok", "HANG", "ok", "ok"], RECORDS)
+    cb = RewardCallback(hangs_on_marker, timeout_s=0.3, max_failure_share=1.0)
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        col = cb.score(ro)
+    # the whole call hung: every row of it is a fault (row by row would repeat the hang)
+    assert col.tolist() == [0.0] * 4 and cb.faults_total == 4
+    assert any("'hangs_on_marker'" in r.getMessage() and "timed out after 0.3s" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError, match=r"'hangs_on_marker' failed on 4/4 rows .*timed out after 0.3s"):
+        RewardCallback(hangs_on_marker, timeout_s=0.3).score(ro)
+
+
+def test_sys_exit_or_keyboard_interrupt_in_a_reward_stops_the_run_loudly():
+    from lightning_r1v2.rewards import callback as cbmod
+
+    ro = make_rollouts(["a", "b", "c", "d"], RECORDS)
+    for timeout in (10.0, None):  # on the helper thread and inline
+        with pytest.raises(cbmod.RewardAborted, match=r"reward 'exits' raised SystemExit\(0\) \(sys.exit\)"):
+            RewardCallback(exits, timeout_s=timeout).score(ro)
+    with pytest.raises(cbmod.RewardAborted, match="reward 'interrupts' raised KeyboardInterrupt"):
+        RewardCallback(interrupts).score(ro)
+
+
+@pytest.mark.parametrize("fn, what", [(returns_dict, "returned a dict"), (returns_str, "returned a str")])
+def test_dict_or_str_returns_are_faults_not_lists(fn, what):
+    ro = make_rollouts(["a", "b", "c", "d"], RECORDS)
+    cb = RewardCallback(fn, max_failure_share=1.0)
+    assert cb.score(ro).tolist() == [0.0] * 4 and cb.faults_total == 4
+    with pytest.raises(RuntimeError, match=what):
+        RewardCallback(fn).score(ro)
+
+
+def test_string_rows_are_faults_even_when_they_parse_as_numbers():
+    def strings(completions, **kw):
+        return ["1.5"] * len(completions)
+
+    ro = make_rollouts(["a", "b", "c", "d"], RECORDS)
+    cb = RewardCallback(strings, max_failure_share=1.0)
+    assert cb.score(ro).tolist() == [0.0] * 4 and cb.faults_total == 4
+
+
+def test_finiteness_is_checked_in_float32():
+    # 1e39 is finite in float64 but inf in float32; 3e38 fits (float32 max is about 3.4028e38)
+    ro = make_rollouts(["BIG", "b", "c", "d"], RECORDS)
+    cb = RewardCallback(too_big_for_float32, max_failure_share=0.25)
+    col = cb.score(ro)
+    assert col[0] == 0.0 and col[1:].tolist() == pytest.approx([3.0e38] * 3, rel=1e-6)
+    assert cb.faults_total == 1 and torch.isfinite(col).all()
+
+
+def test_rewards_get_copies_of_the_records():
+    records = [{"id": i, "annotations": {"counts": {"red": 1}}} for i in range(4)]
+    ro = make_rollouts(["a", "b", "c", "d"], records)
+    assert RewardCallback(mutates).score(ro).tolist() == [1.0] * 4
+    assert [r["annotations"]["counts"]["red"] for r in ro.records] == [1, 1, 1, 1]
+    assert ro.columns()["annotations"] == [{"counts": {"red": 1}}] * 4
+
+
+def test_reward_fault_rows_and_timeout_validation():
+    from lightning_r1v2.rewards.faults import RewardFault
+
+    def half_faulty(completions, **kw):
+        return [RewardFault("malformed tests: tests[0]: ...") if i % 2 else 1.0 for i in range(len(completions))]
+
+    cb = RewardCallback(half_faulty, max_failure_share=0.5)
+    assert cb.score(make_rollouts(["a", "b", "c", "d"], RECORDS)).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert cb.faults_total == 2
+    with pytest.raises(ValueError, match="timeout_s"):
+        RewardCallback(scaled, timeout_s=0)
+
+
+def test_the_helper_thread_keeps_the_callers_grad_mode():
+    seen = []
+
+    def modes(completions, **kw):
+        seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        return [1.0] * len(completions)
+
+    ro = make_rollouts(["a", "b", "c", "d"], RECORDS)
+    with torch.no_grad():
+        RewardCallback(modes).score(ro)
+    RewardCallback(modes).score(ro)
+    with torch.inference_mode():
+        RewardCallback(modes).score(ro)
+    assert seen == [(False, False), (True, False), (False, True)]

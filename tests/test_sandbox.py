@@ -1,6 +1,8 @@
 """The sandbox contains hostile programs within their time limit; code_reward runs tests in it."""
 import os
 import socket
+import sys
+import tempfile
 import time
 
 import pytest
@@ -61,7 +63,7 @@ def test_infinite_loop_is_killed_at_the_deadline():
 
 
 def test_cpu_limit():
-    res = run("while True:\n    pass", timeout=LIMIT + 1.5, cpu_seconds=1)
+    res = run("while True:\n    pass", timeout=LIMIT + 5, cpu_seconds=1)  # wall slack for a loaded machine
     assert res.killed_reason == "cpu_limit" and not res.timed_out and not res.ok
 
 
@@ -122,12 +124,12 @@ for fn, args in ((os.mkdir, ("../d",)), (os.rename, ("x", "../y")), (os.remove, 
 open("inside.txt", "w").write("fine")
 print(open("inside.txt").read())
 """
+    before = set(os.listdir(tempfile.gettempdir()))
     res = run(code)
     assert res.ok, res.stderr
     assert "WROTE" not in res.stdout and "DID" not in res.stdout
     assert res.stdout.rstrip().endswith("fine")
-    work = res.stdout.splitlines()[0]
-    assert not os.path.exists(os.path.dirname(work)), "the temporary directory was not removed"
+    assert not [n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("r1v2-sandbox-")]
     assert not target.exists() and sorted(os.listdir(tmp_path)) == ["owned"]
 
 
@@ -176,10 +178,16 @@ except OSError as e:
     assert res.ok, res.stderr
     assert "s3cr3t-value" not in res.stdout
     assert res.stdout.splitlines()[0] == str(sorted(["HOME", "LANG", "LC_ALL", "PATH", "TMPDIR"]))
-    if ROOT:  # the OS refuses too, not only the audit hook
-        code = "import ctypes, os\nprint(ctypes.CDLL(None).open(f'/proc/{os.getppid()}/environ'.encode(), 0))"
+    if ROOT or sandbox.isolation() == "bwrap":  # the OS refuses too, not only the audit hook
+        # As root without bubblewrap: another uid's environ is unreadable. Under bubblewrap the
+        # parent is the sandbox's own init (the trainer is in no /proc the job can see).
+        code = (
+            "import ctypes, os\nlibc = ctypes.CDLL(None)\nfd = libc.open(f'/proc/{os.getppid()}/environ'.encode(), 0)\n"
+            "buf = ctypes.create_string_buffer(1 << 16)\nprint(fd, buf.raw[:max(libc.read(fd, buf, 1 << 16), 0)])"
+        )
         res = run(code)
-        assert res.stdout.strip() == "-1"
+        assert res.ok and "s3cr3t" not in res.stdout
+        assert res.stdout.startswith("-1 ") or sandbox.isolation() == "bwrap"
 
 
 def test_huge_output_is_capped():
@@ -237,10 +245,8 @@ def test_code_reward_fractions_and_modes():
 
 
 def test_audit_hook_layer_alone(monkeypatch, tmp_path):
-    # The path taken when not running as root: no uid drop, no network namespace; the prelude's
-    # audit hook is then what refuses process creation, sockets and writes outside.
-    import sys
-
+    # The path taken when not running as root without bubblewrap: no uid drop, no namespaces; the
+    # prelude's audit hook is then what refuses process creation, sockets and writes outside.
     monkeypatch.setattr(sandbox, "_RUNTIME", sandbox._Runtime(sys.executable, drop_privileges=False))
     target = tmp_path / "escape.txt"
     code = f"""
@@ -266,3 +272,82 @@ print(open("ok.txt").read())
     assert res.ok, res.stderr
     assert "DID" not in res.stdout and res.stdout.count("blocked") == 8 and res.stdout.endswith("fine\n")
     assert not target.exists()
+
+
+def test_audit_hook_dir_fd_both_ways(monkeypatch, tmp_path):
+    # dir_fd=-1 is CPython's "none": relative remove/rename/mkdir inside the folder must work; a
+    # dir_fd of an outside folder must not let a write through (it cannot even be opened).
+    monkeypatch.setattr(sandbox, "_RUNTIME", sandbox._Runtime(sys.executable, drop_privileges=False))
+    code = f"""
+import os
+os.mkdir("d"); open("d/a", "w").write("1"); os.rename("d/a", "d/b"); os.remove("d/b"); os.rmdir("d")
+here = os.open(".", os.O_RDONLY)
+os.close(os.open("c", os.O_CREAT | os.O_WRONLY, dir_fd=here))
+os.rename("c", "e", src_dir_fd=here, dst_dir_fd=here); os.remove("e", dir_fd=here)
+print("inside ok")
+for label, fn in (("open outside dir", lambda: os.open({str(tmp_path)!r}, os.O_RDONLY)),
+                  ("mkdir via dir_fd", lambda: os.mkdir("x", dir_fd=os.open("..", os.O_RDONLY))),
+                  ("open ..", lambda: os.open("..", os.O_RDONLY)),
+                  ("rename out via cwd", lambda: (open("s", "w").close(), os.chdir({str(tmp_path)!r}),
+                                                  os.rename("s", "escaped", src_dir_fd=here)))):
+    try:
+        fn()
+        print("DID", label)
+    except OSError:
+        print("blocked", label)
+"""
+    res = run_program(code, timeout=2.0)
+    assert res.ok, res.stderr
+    assert res.stdout.splitlines() == [
+        "inside ok", "blocked open outside dir", "blocked mkdir via dir_fd", "blocked open ..", "blocked rename out via cwd"
+    ]
+    assert os.listdir(tmp_path) == []
+
+
+def test_calls_return_plain_data_decided_outside():
+    code = "def f(x):\n    return [x, (x,), {x: {1}}, 0.5, None, True]\nclass A:\n    pass\ndef g():\n    return A()"
+    res = run("import sys\n" + code, calls=["f(2)", "g()", "1 // 0", "undefined"])
+    assert res.values == [
+        ("ok", [2, (2,), {2: {1}}, 0.5, None, True]),
+        ("error", "TypeError"),  # an instance of a program class is not plain data
+        ("error", "ZeroDivisionError"),
+        ("error", "NameError"),
+    ]
+    # A program that exits before the calls leaves them missing; a call that hangs keeps the earlier values.
+    assert run("import os\nos._exit(0)", calls=["1"]).values == [("missing", None)]
+    res = run("import time\ndef f(x):\n    time.sleep(30)", calls=["1 + 1", "f(0)"])
+    assert res.timed_out and res.values == [("ok", 2), ("missing", None)]
+
+
+def test_decode_values_voids_anything_out_of_protocol():
+    good = b'[0, "ok", {"t": [1, {"f": "nan"}]}]\n[1, "error", "KeyError"]\n'
+    out = sandbox.decode_values(good, 2)
+    assert out[0][1][0] == 1 and out[0][1][1] != out[0][1][1] and out[1] == ("error", "KeyError")
+    missing = [("missing", None)] * 2
+    assert sandbox.decode_values(b'[1, "ok", 1]\n[0, "ok", 2]\n', 2) == missing  # out of order
+    assert sandbox.decode_values(good + b'[0, "ok", 4]\n', 2) == missing  # extra line
+    assert sandbox.decode_values(b'[0, "ok", {"x": 1}]\n', 1) == [("missing", None)]  # unknown tag
+    assert sandbox.decode_values(b'[0, "ok", ' + b"[" * 100 + b"]" * 100 + b"]\n", 1) == [("missing", None)]
+    assert sandbox.decode_values(b'[0, "ok", 5]\n[1, "ok"', 2) == [("ok", 5), ("missing", None)]  # cut by a kill
+
+
+def test_bwrap_hides_the_trainer_and_keeps_tmp_private():
+    if sandbox.isolation() != "bwrap":
+        # Without bubblewrap the warning must have named the gaps (tests/test_code_reward_hostile.py).
+        assert sandbox._runtime().bwrap is None
+        return
+    code = (
+        "import os\nprint(sorted(p for p in os.listdir('/proc') if p.isdigit()))\n"
+        "print(sorted(os.listdir('/')))\nopen('/tmp/x', 'w').write('1')\nimport ctypes\n"
+        "print(ctypes.CDLL(None).open(b'/dev/shm/y', os.O_CREAT | os.O_WRONLY, 0o644) >= 0)\n"
+        "print(ctypes.CDLL(None).open(b'/y', os.O_CREAT | os.O_WRONLY, 0o644))"
+    )
+    res = run(code)
+    assert res.ok, res.stderr
+    pids = eval(res.stdout.splitlines()[0])
+    assert str(os.getpid()) not in pids and len(pids) <= 3  # bwrap's init, the program (and a reaper)
+    assert "work" not in res.stdout and "root" not in eval(res.stdout.splitlines()[1])
+    assert res.stdout.splitlines()[2:] == ["True", "-1"]  # its own /dev/shm; the sandbox's / is read-only
+    assert not os.path.exists("/dev/shm/y") and not os.path.exists(os.path.join(tempfile.gettempdir(), "x"))
+    big = run("try:\n    open('big', 'wb').write(b'x' * (8 << 20))\nexcept OSError as e:\n    print(e.errno)", disk_mb=4)
+    assert big.stdout.strip() == "28"  # ENOSPC: the job's /tmp is capped at disk_mb

@@ -290,5 +290,7 @@ class CriticalTokenEntropy(Callback):
         """The measurements so far (``history``), so a resumed run keeps them."""
         return {"history": self.history}
 
-    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores ``history`` and, from its last entry, ``last_stats`` (logged with every GRPO row)."""
         self.history = list(state_dict.get("history", []))
+        self.last_stats = dict(self.history[-1][1]) if self.history else {}

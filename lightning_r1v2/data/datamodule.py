@@ -134,6 +134,9 @@ class R1V2DataModule(L.LightningDataModule):
         max_prompt_tokens: Prompts longer than this (image tokens included) are skipped and
             counted, never truncated.
         strict: Stop at the first bad record (``file:line: reason``); else skip and count.
+            Either way, fewer usable training records than one batch is an error.
+        max_response_tokens: SFT records whose ``response`` is longer are skipped and counted.
+        allow_outside_paths: Let image paths point outside the JSONL file's folder.
         max_train_records: Use only the first N training records (0: all).
         max_val_records: Use only the first N held-out records (0: all).
         seed: Shuffling seed.
@@ -156,6 +159,8 @@ class R1V2DataModule(L.LightningDataModule):
         eval_batch_size: int = 100,
         max_prompt_tokens: int = 256,
         strict: bool = True,
+        max_response_tokens: int = 4096,
+        allow_outside_paths: bool = False,
         max_train_records: int = 0,
         max_val_records: int = 0,
         seed: int = 0,
@@ -187,7 +192,8 @@ class R1V2DataModule(L.LightningDataModule):
 
     def _load(self, path: str, limit: int) -> list[dict]:
         hp = self.hparams
-        records, report = read_source(path, format=hp.format, columns=hp.columns, strict=hp.strict)
+        records, report = read_source(path, format=hp.format, columns=hp.columns, strict=hp.strict,
+                                      allow_outside_paths=hp.allow_outside_paths)
         self.skipped.update(report.skipped)
         if limit:
             records = records[:limit]
@@ -207,6 +213,12 @@ class R1V2DataModule(L.LightningDataModule):
                 log.warning("%s: prompt has %d tokens (limit %d)%s, skipped", r["_source"], n, hp.max_prompt_tokens,
                             f"; images of {sizes} pixels (max_pixels resizes them)" if sizes else "")
                 continue
+            if hp.kind == "sft" and r.get("response"):
+                m = len(self._processor().tokenizer(r["response"], add_special_tokens=False)["input_ids"])
+                if m > hp.max_response_tokens:
+                    self.skipped["response_too_long"] += 1
+                    log.warning("%s: response has %d tokens (limit %d), skipped", r["_source"], m, hp.max_response_tokens)
+                    continue
             kept.append(r)
         return kept
 
@@ -216,6 +228,12 @@ class R1V2DataModule(L.LightningDataModule):
             self.train_records = self._load(hp.train_file, hp.max_train_records)
             if not self.train_records:
                 raise ValueError(f"{hp.train_file}: no usable training records")
+            need = hp.batch_size * world_and_rank()[0]  # one batch on every rank (drop_last)
+            if len(self.train_records) < need:
+                raise ValueError(
+                    f"{hp.train_file}: {len(self.train_records)} usable training records, fewer than one batch "
+                    f"on each rank ({need}; skipped: {dict(self.skipped) or 'none'})"
+                )
         if hp.val_file and not self.val_records and stage in ("fit", "validate", "test", None):
             self.val_records = self._load(hp.val_file, hp.max_val_records)
         if self.skipped:

@@ -24,6 +24,8 @@ log = logging.getLogger("lightning_r1v2.data")
 
 REQUIRED = ("id", "question", "answer")  # no "image": a text-only record
 MAX_QUESTION_CHARS = 4000
+MAX_RESPONSE_CHARS = 50_000  # before any tokenizer sees it (a 300k-character response stalled SFT)
+MAX_NESTING = 32  # JSON depth of a record; deeper data is refused before any recursive copy meets it
 # Image placeholder strings of InternVL-style processors (and the generic ``<image>``). Images come
 # from the ``image`` field; the processor writes one placeholder per image and expands it. The
 # same text typed into a question or response would add image tokens that no image fills: a crash
@@ -69,15 +71,42 @@ def _check_image(path: Path) -> str | None:
     try:
         with Image.open(path) as im:
             im.load()  # decodes every byte: catches truncated files that verify() misses
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return f"image cannot be decoded ({type(e).__name__}: {e}): {path}"
     return None
 
 
-def validate_record(rec, root: Path, check_images: bool = True) -> tuple[str, str] | None:
-    """``(kind, reason)`` when ``rec`` is bad, else None. ``kind`` is the counter key."""
+def _depth(obj) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return deepest
+
+
+def _outside(root: Path, p: str) -> bool:
+    base = root.resolve()
+    target = (root / p).resolve()
+    return target != base and base not in target.parents
+
+
+def validate_record(
+    rec, root: Path, check_images: bool = True, allow_outside_paths: bool = True
+) -> tuple[str, str] | None:
+    """``(kind, reason)`` when ``rec`` is bad, else None. ``kind`` is the counter key.
+
+    ``allow_outside_paths=False``: image paths must resolve inside ``root`` (no ``../``, no
+    absolute paths elsewhere, no symlinks out).
+    """
     if not isinstance(rec, dict):
         return "not_an_object", f"record is a {type(rec).__name__}, expected a JSON object"
+    if _depth(rec) > MAX_NESTING:
+        return "too_deep", f"record is nested more than {MAX_NESTING} levels deep"
     for key in REQUIRED:
         if key not in rec or rec[key] is None:
             return "missing_field", f"missing field {key!r}"
@@ -111,10 +140,25 @@ def validate_record(rec, root: Path, check_images: bool = True) -> tuple[str, st
             return "wrong_type", "'choices' must be a list of strings"
     if "annotations" in rec and rec["annotations"] is not None and not isinstance(rec["annotations"], dict):
         return "wrong_type", "'annotations' must be an object"
-    if "tests" in rec and rec["tests"] is not None and not isinstance(rec["tests"], list):
-        return "wrong_type", "'tests' must be a list"
+    if "tests" in rec and rec["tests"] is not None:
+        if not isinstance(rec["tests"], list):
+            return "wrong_type", "'tests' must be a list"
+        from ..rewards.code import parse_tests  # the code reward's own rules
+
+        try:
+            parse_tests(rec["tests"])
+        except ValueError as e:
+            return "bad_tests", str(e)
     if "response" in rec and rec["response"] is not None and not isinstance(rec["response"], str):
         return "wrong_type", "'response' must be a string"
+    if isinstance(rec.get("response"), str) and len(rec["response"]) > MAX_RESPONSE_CHARS:
+        return "too_long", f"'response' has {len(rec['response'])} characters (limit {MAX_RESPONSE_CHARS})"
+    if not allow_outside_paths:
+        for p in images:
+            if _outside(root, p):
+                return "image_outside", (
+                    f"image path {p!r} points outside the data folder {root} (set allow_outside_paths: true to allow)"
+                )
     if check_images:
         for p in images:
             reason = _check_image(root / p)
@@ -123,12 +167,20 @@ def validate_record(rec, root: Path, check_images: bool = True) -> tuple[str, st
     return None
 
 
-def read_records(path: str | Path, strict: bool = True, check_images: bool = True) -> tuple[list[dict], ReadReport]:
+def read_records(
+    path: str | Path,
+    strict: bool = True,
+    check_images: bool = True,
+    allow_outside_paths: bool = True,
+    min_records: int = 0,
+) -> tuple[list[dict], ReadReport]:
     """Read and validate a JSONL file of records.
 
     Returns the good records (``answer`` coerced to ``str``, ``image`` made absolute and kept
     as the original relative path under ``image_rel``, ``_line`` set) and a ``ReadReport``.
-    Raises ``RecordError("file:line: reason")`` on the first bad record when ``strict``.
+    Raises ``RecordError("file:line: reason")`` on the first bad record when ``strict``, and
+    ``RecordError`` when fewer than ``min_records`` are left (e.g. one batch: lenient mode must
+    not end a run that trained nothing). ``allow_outside_paths``: see :func:`validate_record`.
     """
     path = Path(path)
     if not path.exists():
@@ -151,8 +203,12 @@ def read_records(path: str | Path, strict: bool = True, check_images: bool = Tru
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     problem = ("bad_json", f"bad JSON ({e.msg} at column {e.colno})")
+                except RecursionError:
+                    problem = ("too_deep", "bad JSON (nested too deeply to parse)")
+                except ValueError as e:  # e.g. an integer of more than 4300 digits
+                    problem = ("bad_json", f"bad JSON ({str(e)[:120]})")
             if problem is None:
-                problem = validate_record(rec, root, check_images=check_images)
+                problem = validate_record(rec, root, check_images=check_images, allow_outside_paths=allow_outside_paths)
             if problem is not None:
                 kind, reason = problem
                 report.reject(kind, f"{path}:{lineno}: {reason}", strict)
@@ -169,4 +225,6 @@ def read_records(path: str | Path, strict: bool = True, check_images: bool = Tru
     report.kept = len(records)
     if report.total_skipped:
         log.warning("%s", report.summary())
+    if len(records) < min_records:
+        raise RecordError(f"{path}: {len(records)} usable records, fewer than {min_records} ({report.summary()})")
     return records, report

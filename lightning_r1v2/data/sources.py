@@ -106,12 +106,13 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_source(path: str | Path, format: str = "auto", columns: dict | None = None, strict: bool = True,
-                check_images: bool = True) -> tuple[list[dict], ReadReport]:
+                check_images: bool = True, allow_outside_paths: bool = True) -> tuple[list[dict], ReadReport]:
     """Read and validate the records of ``path`` (see the module docstring).
 
     Returns the good records and a ``ReadReport``; strict: the first bad row raises ``RecordError``
     naming its ``file:line`` / ``file:row N``; else bad rows are skipped and counted.
     ``check_images``: decode every image once while reading (bad bytes or files are bad rows).
+    ``allow_outside_paths``: JSONL image paths may leave the JSONL's folder (``read_records``).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -119,7 +120,7 @@ def read_source(path: str | Path, format: str = "auto", columns: dict | None = N
     if fmt in ("jsonl", "llava") and columns:
         raise ValueError(f"{path}: columns apply to hf, parquet and arrow sources, not {fmt}")
     if fmt == "jsonl":
-        return read_records(path, strict=strict, check_images=check_images)
+        return read_records(path, strict=strict, check_images=check_images, allow_outside_paths=allow_outside_paths)
     if fmt == "llava":
         return _read_llava(Path(path), strict, check_images)
     return _read_dataset(str(path), fmt, ColumnMap.build(columns), strict, check_images)

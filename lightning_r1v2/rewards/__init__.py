@@ -6,6 +6,7 @@ Every reward function has TRL's shape, ``fn(completions, **columns) -> list[floa
 from lightning_r1v2.rewards.callback import RewardCallback
 from lightning_r1v2.rewards.code import code_reward, extract_code
 from lightning_r1v2.rewards.combine import combine_rewards
+from lightning_r1v2.rewards.faults import RewardFault
 from lightning_r1v2.rewards.grounding import grounding_reward
 from lightning_r1v2.rewards.reward_model import RewardModelScorer, build_tiny_reward_model
 from lightning_r1v2.rewards.rules import accuracy_reward, extract_boxed, format_reward, is_correct, normalize_answer
@@ -22,6 +23,7 @@ __all__ = [
     "extract_code",
     "combine_rewards",
     "RewardCallback",
+    "RewardFault",
     "RewardModelScorer",
     "build_tiny_reward_model",
     "run_program",

@@ -5,22 +5,28 @@ order (``lightning_r1v2/callbacks/hooks.py``), stores each column under the call
 in ``rollouts.rewards`` and combines them with ``combine_rewards`` using each callback's
 ``weight`` and ``group``. Monitors may change ``weight`` between steps (it is checkpointed).
 
-A reward function that crashes or returns NaN/inf must not kill a long run, nor silently
+A reward function that crashes, hangs, or returns NaN/inf must not kill a long run, nor silently
 teach the policy: each such row is a *fault*, logged once per distinct message, counted, then
 either scored 0 or has its whole group dropped from the loss; past ``max_failure_share`` of a
-batch the run stops with a clear error, because then the reward itself is broken.
+batch the run stops with a clear error, because then the reward itself is broken. A reward that
+calls ``sys.exit`` or raises ``KeyboardInterrupt`` itself stops the run with an error naming it.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
 import logging
 import math
+import threading
 from typing import Any, Callable
 
 import torch
 from lightning.pytorch import Callback
 
-__all__ = ["RewardCallback", "import_object"]
+from lightning_r1v2.rewards.faults import RewardFault
+
+__all__ = ["RewardCallback", "RewardFault", "RewardAborted", "import_object"]
 
 log = logging.getLogger("lightning_r1v2.rewards")
 
@@ -41,8 +47,18 @@ def import_object(path: str) -> Any:
     return obj
 
 
-class _Fault(str):
-    """An error message standing in for a row's value."""
+_Fault = RewardFault
+
+
+class RewardAborted(RuntimeError):
+    """A reward function tried to end the process (``SystemExit``, its own ``KeyboardInterrupt``)."""
+
+
+class _TimedOut(Exception):
+    pass
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class RewardCallback(Callback):
@@ -52,9 +68,14 @@ class RewardCallback(Callback):
     per-row keyword column (``rollouts.columns()``) plus ``kwargs`` (which win over columns of
     the same name); if that call raises or returns the wrong length, calls it row by row to
     isolate the failing rows. ``None`` -> NaN (not applicable, not a fault). A raised exception,
-    a NaN/inf or a non-number is a fault: the row gets 0.0 and, with
-    ``on_error="drop_group"``, every row of its group is marked in ``rollouts.dropped``. Returns
-    a float32 ``[N]`` tensor, also stored as ``rollouts.rewards[name]``.
+    a value that is not finite in float32 (the loss dtype: ``1e39`` is a fault), a non-number
+    (a string too), a :class:`RewardFault`, or a return value that is not a list, tuple or
+    tensor (a dict, a string) is a fault: the row gets 0.0 and, with ``on_error="drop_group"``,
+    every row of its group is marked in ``rollouts.dropped``. A call running past ``timeout_s``
+    is a fault on every row of that call (the thread is abandoned; it cannot be killed). ``fn``
+    gets deep copies of the record columns, so it cannot change the dataset. ``SystemExit`` or
+    ``KeyboardInterrupt`` raised inside ``fn`` raise :class:`RewardAborted`. Returns a float32
+    ``[N]`` tensor, also stored as ``rollouts.rewards[name]``.
 
     Args:
         fn: the reward function, or its dotted import path (``lightning_r1v2.rewards.format_reward``).
@@ -64,6 +85,8 @@ class RewardCallback(Callback):
         kwargs: extra keyword arguments for ``fn`` (e.g. ``{all_or_nothing: true}``).
         on_error: ``zero`` (faulty row scores 0) or ``drop_group`` (its group leaves the loss).
         max_failure_share: raise ``RuntimeError`` when a batch's fault share exceeds this.
+        timeout_s: seconds one call of ``fn`` may take (run on a helper thread); None runs it
+            inline, without a timeout.
 
     Attributes:
         calls_total: rows scored so far; ``faults_total``: faulty rows so far (both checkpointed).
@@ -80,6 +103,7 @@ class RewardCallback(Callback):
         kwargs: dict | None = None,
         on_error: str = "zero",
         max_failure_share: float = 0.1,
+        timeout_s: float | None = 600.0,
     ):
         super().__init__()
         self.fn_path = fn if isinstance(fn, str) else None
@@ -96,6 +120,9 @@ class RewardCallback(Callback):
         self.kwargs = dict(kwargs or {})
         self.on_error = on_error
         self.max_failure_share = float(max_failure_share)
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
+        self.timeout_s = None if timeout_s is None else float(timeout_s)
         self.calls_total = 0
         self.faults_total = 0
         self.last_stats: dict[str, float] = {}
@@ -124,13 +151,16 @@ class RewardCallback(Callback):
                 continue
             if v is None:
                 continue
-            try:
-                f = float(v)
-            except (TypeError, ValueError):
+            if isinstance(v, (str, bytes)):
                 faults[i] = f"returned a non-number {v!r:.80}"
                 continue
-            if not math.isfinite(f):
-                faults[i] = f"returned {f}"
+            try:
+                f = float(v)
+            except (TypeError, ValueError, RuntimeError):
+                faults[i] = f"returned a non-number {v!r:.80}"
+                continue
+            if not math.isfinite(f) or abs(f) > _F32_MAX:
+                faults[i] = f"returned {f}, not finite in float32 (the loss dtype)"
                 continue
             values[i] = f
         device = rollouts.group_ids.device
@@ -165,23 +195,76 @@ class RewardCallback(Callback):
     def _call(self, completions: list[str], columns: dict[str, list]) -> list:
         n = len(completions)
         try:
-            out = self._as_list(self.fn(completions, **{**columns, **self.kwargs}), n)
-            return out
+            return self._as_list(self._invoke(completions, columns), n)
+        except _TimedOut as e:
+            return [RewardFault(str(e))] * n  # row by row would multiply the hang
+        except RewardAborted:
+            raise
         except Exception as e:  # noqa: BLE001 - isolate the failing rows below
             self._log_once(f"batch call failed ({type(e).__name__}: {e}); scoring row by row", None)
         out = []
         for i in range(n):
             row = {k: [v[i]] for k, v in columns.items()}
             try:
-                out.append(self._as_list(self.fn([completions[i]], **{**row, **self.kwargs}), 1)[0])
+                out.append(self._as_list(self._invoke([completions[i]], row), 1)[0])
+            except RewardAborted:
+                raise
+            except _TimedOut as e:
+                out.append(RewardFault(str(e)))
             except Exception as e:  # noqa: BLE001
-                out.append(_Fault(f"{type(e).__name__}: {e}"))
+                out.append(RewardFault(f"{type(e).__name__}: {e}"))
         return out
+
+    def _invoke(self, completions: list[str], columns: dict[str, list]):
+        """``fn`` on deep copies of the columns, on a helper thread bounded by ``timeout_s``."""
+        kwargs = {**copy.deepcopy(columns), **self.kwargs}
+        if self.timeout_s is None:
+            try:
+                return self.fn(list(completions), **kwargs)
+            except SystemExit as e:
+                raise self._aborted(e) from e
+        box: dict[str, Any] = {}
+        # Thread-local state the caller's thread had: CUDA device, grad and inference modes.
+        device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def target():
+            try:
+                if device is not None:
+                    torch.cuda.set_device(device)
+                # inference_mode(False) would turn grad on: enter it only when it was on
+                with torch.inference_mode() if inference else contextlib.nullcontext(), torch.set_grad_enabled(grad):
+                    box["value"] = self.fn(list(completions), **kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = e
+
+        worker = threading.Thread(target=target, name=f"reward-{self.name}", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            raise _TimedOut(f"timed out after {self.timeout_s:g}s (timeout_s; the call was abandoned)")
+        if "error" in box:
+            e = box["error"]
+            if isinstance(e, (SystemExit, KeyboardInterrupt)):
+                raise self._aborted(e) from e
+            raise e
+        return box["value"]
+
+    def _aborted(self, e: BaseException) -> RewardAborted:
+        what = f"SystemExit({e.code!r}) (sys.exit)" if isinstance(e, SystemExit) else type(e).__name__
+        return RewardAborted(
+            f"reward {self.name!r} raised {what}; a reward function must return values, not end the "
+            "process: the run stops here"
+        )
 
     @staticmethod
     def _as_list(out, n: int) -> list:
         if isinstance(out, torch.Tensor):
             out = out.detach().cpu().reshape(-1).tolist()
+        elif hasattr(out, "tolist") and hasattr(out, "shape"):  # numpy arrays
+            out = out.tolist()
+        if not isinstance(out, (list, tuple)):
+            raise TypeError(f"returned a {type(out).__name__}, expected a list of {n} values")
         out = list(out)
         if len(out) != n:
             raise ValueError(f"returned {len(out)} values for {n} completions")

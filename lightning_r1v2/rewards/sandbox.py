@@ -1,51 +1,53 @@
 """Run untrusted Python programs (model-written code) in contained child processes.
 
-``run_program(code, stdin)`` runs one program in a fresh ``python -I -S`` process and returns a
-:class:`SandboxResult`; :class:`SandboxPool` runs many at once (threads, each waiting on its own
-process). Linux only (``resource``, process groups, ``/proc``).
+``run_program(code, stdin, calls=...)`` runs one program in a fresh ``python -I -S`` process and
+returns a :class:`SandboxResult`; :class:`SandboxPool` runs many at once (threads, each waiting on
+its own process). Linux only.
 
-Layers of containment, outermost first:
+**Verdicts are not decided in the child.** With ``calls`` (expressions such as ``"f(2)"``), the
+child runs the program, then evaluates each call and writes its value as plain data (``None``,
+bool, int, float, str and lists, tuples, dicts, sets of those; exact types, no subclasses) as one
+JSON line per call to a pipe the trainer reads. The trainer decodes and compares; the expected
+values never enter the child, so ``sys.exit(0)``, an ``__eq__`` that is always True or a replaced
+``sys.excepthook`` cannot pass a test. Anything else on that pipe (a line out of order, a
+duplicate, bad JSON) voids every value of the job.
 
-1. **Its own process and session.** ``start_new_session=True``; on a wall-clock timeout, an
-   output overflow, or when the program exits, the whole process group gets ``SIGKILL`` (the
-   leader is still unreaped then, so its group id cannot have been reused).
-2. **An unprivileged user, when we run as root.** Root ignores ``RLIMIT_NPROC`` and every file
-   permission, so as root the child drops to a uid/gid of its own (one per concurrent job,
-   nobody else's) before any user code runs. That makes ``RLIMIT_NPROC`` bind (a fork bomb
-   stops at ``max_processes``), makes every root-owned path read-only (including the job's own
-   parent directory) and ``/proc/<parent>/environ`` unreadable. After the job, every process of
-   that uid is killed with ``kill -9 -1`` run *as that uid* (through ``setpriv``; atomic in the
-   kernel, and it can reach nothing else), which also catches children that left the process
-   group with ``setsid``. The drop happens inside the child's prelude, after the interpreter has started,
-   because the interpreter may live under a directory the new uid cannot enter (``/root``); a
-   probe at first use picks an interpreter whose standard library the new uid can still read
-   (ours, else ``/usr/bin/python3``), else pre-imports common modules before dropping.
-3. **A network namespace, when available** (root and ``unshare --net`` works): the child sees
-   only a down loopback, so no connection can be made at all, even from ``ctypes``.
-4. **Resource limits** set in the prelude (soft = hard, so they cannot be raised again):
-   ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_CORE`` = 0,
-   ``RLIMIT_NPROC``, ``RLIMIT_NOFILE``.
-5. **A fresh working directory** ``<tmp>/r1v2-sandbox-XXXX/work``, removed afterwards; its
-   parent is not writable by the child; ``HOME`` and ``TMPDIR`` point into it; the environment
-   is scrubbed to ``PATH``, ``LANG``, ``LC_ALL``, ``HOME``, ``TMPDIR`` (no secrets).
-6. **An audit hook** (``sys.addaudithook``) installed before user code: it refuses
-   ``fork``/``exec``/``spawn``/``system``/``subprocess`` (and importing ``_posixsubprocess``), signals to other processes, socket
-   ``connect``/``bind``/``sendto``/name lookups, writes, renames, deletes and chmods outside the
-   working directory, and reading other processes' ``/proc/*/environ``. This layer is Python
-   level and can be bypassed with ``ctypes``; layers 1-5 are what hold then. When not running
-   as root, layers 2 and 3 are absent: the child runs as our own user, ``RLIMIT_NPROC`` counts
-   all of that user's processes, and writes outside the directory are stopped by the audit hook
-   only (and by a read-only parent directory).
+Two modes, picked once per process by a probe at first use (:func:`isolation`):
 
-What it does not do: CPU/memory cgroups, a mount namespace, seccomp. The child can *read* any
-world-readable file, and with ``ctypes`` (which bypasses the audit hook) it can write into
-world-writable directories such as ``/tmp`` and ``/dev/shm``; a fork bomb through ``ctypes`` is
-capped at ``max_processes`` and killed, but the killed orphans are reaped by PID 1 (in a
-container without an init that reaps, they stay zombies). Programs get the standard library
-only (``-S``: no site-packages). Cost: about 25 ms per program on top of its own run time.
+**``bwrap``** (bubblewrap on ``PATH`` and user namespaces allowed): the child runs in new user,
+PID, network, mount, IPC, UTS and cgroup namespaces. It sees a read-only ``/usr`` (and the
+interpreter's own prefix), a private ``/proc`` in which the trainer does not exist (it cannot be
+read or signalled), a minimal ``/dev``, and two size-capped tmpfs: ``/tmp`` (its working
+directory, ``disk_mb``) and ``/dev/shm`` (1 MiB); they vanish with the job. No network at all (a
+loopback of its own). Nothing of the trainer's files is mounted (data, checkpoints, home). As
+root, bubblewrap itself starts as an unprivileged uid of the job's own (``setpriv``), so
+``RLIMIT_NPROC`` binds and ``kill -9 -1`` as that uid reaps strays; as a normal user the job runs
+under our uid inside its namespaces (``RLIMIT_NPROC`` then counts all our processes).
+
+**``legacy``** (no bubblewrap, or it cannot start): a loud one-time warning names what is not
+contained. As root: an unprivileged uid per job (file permissions, ``RLIMIT_NPROC``, reaping by
+uid), a network namespace (``unshare --net``); files the job writes to ``/tmp``, ``/dev/shm`` and
+``/var/tmp`` are removed after it. Not contained as root: reading world-readable files
+(including the data if world-readable), seeing other processes in ``/proc``, filesystem unix
+sockets, the total size written (only ``RLIMIT_FSIZE`` per file). As a normal user only the audit hook below stands: a program using ``ctypes`` or
+disarming the hook from pure Python (its closure is reachable through ``gc``) can read and write
+whatever our user can, signal the trainer, and use the network.
+
+In both modes: its own session and process group (killed with ``SIGKILL`` at the end), resource
+limits set before user code (soft = hard: ``RLIMIT_AS``, ``RLIMIT_CPU``, ``RLIMIT_FSIZE``,
+``RLIMIT_CORE`` = 0, ``RLIMIT_NPROC``, ``RLIMIT_NOFILE``), an environment scrubbed to ``PATH``,
+``LANG``, ``LC_ALL``, ``HOME``, ``TMPDIR``, and an audit hook (``sys.addaudithook``) that refuses
+process creation, signals to other processes, sockets, writes outside the working directory
+(``dir_fd`` resolved; ``-1`` is CPython's "none"), opening directories outside it (so no
+``dir_fd`` can point outside), and reading other processes' ``/proc`` entries. The audit hook is a
+tripwire for accidents, **not a security boundary**: Python code can bypass it.
+
+Programs get the standard library only (``-S``: no site-packages). Cost: see
+``benchmarks/rewards.py``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import selectors
@@ -58,115 +60,13 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 log = logging.getLogger("lightning_r1v2.rewards")
 
-# Runs in the child before the user's program. argv: work mem cpu fsize nproc nofile uid gid preimports
-_PRELUDE = r"""
-import os, sys, resource
-def _setup():
-    a = sys.argv
-    work = a[1]
-    mem, cpu, fsize, nproc, nofile, uid, gid = (int(x) for x in a[2:9])
-    R = resource
-    def lim(kind, soft, hard=None):
-        hard = soft if hard is None else hard
-        _, cur = R.getrlimit(kind)
-        if cur != R.RLIM_INFINITY and os.geteuid() != 0:
-            hard = min(hard, cur)
-            soft = min(soft, hard)
-        R.setrlimit(kind, (soft, hard))
-    if mem > 0:
-        lim(R.RLIMIT_AS, mem)
-    lim(R.RLIMIT_CPU, cpu, cpu + 1)
-    lim(R.RLIMIT_FSIZE, fsize)
-    lim(R.RLIMIT_CORE, 0)
-    lim(R.RLIMIT_NPROC, nproc)
-    lim(R.RLIMIT_NOFILE, nofile)
-    if uid >= 0:
-        for m in a[9].split(","):
-            if m:
-                try:
-                    __import__(m)
-                except Exception:
-                    pass
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-        if os.getuid() != uid or os.geteuid() != uid or os.getegid() != gid:
-            os._exit(70)
-    os.umask(0o077)
-    import re
-    environ_re = re.compile(r"^/proc/(\d+|thread-self)/(task/\d+/)?environ$")
-    me = os.getpid()
-    mine = ("/proc/%d/" % me, "/proc/self/", "/proc/thread-self/")
-    W = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-    realpath, fsdecode, readlink, sep = os.path.realpath, os.fsdecode, os.readlink, os.sep
-    blocked = frozenset((
-        "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system",
-        "subprocess.Popen", "os.killpg", "os.link", "socket.connect", "socket.bind",
-        "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname",
-        "socket.gethostbyaddr", "socket.getnameinfo", "socket.sethostname",
-    ))
-    # event -> (indexes of path arguments, index of the dir_fd argument or None)
-    paths = {
-        "os.remove": ((0,), 1), "os.rename": ((0, 1), 2), "os.mkdir": ((0,), 2),
-        "os.rmdir": ((0,), 1), "os.symlink": ((1,), 2), "os.truncate": ((0,), None),
-        "os.chmod": ((0,), 2), "os.chown": ((0,), 3), "os.utime": ((0,), 3),
-        "shutil.rmtree": ((0,), 1), "shutil.copyfile": ((1,), None), "shutil.move": ((1,), None),
-    }
-    def resolve(p, dir_fd=None):
-        p = fsdecode(p)
-        if dir_fd is not None and not p.startswith(sep):
-            p = readlink("/proc/self/fd/%d" % dir_fd) + sep + p
-        return realpath(p)
-    def inside(p, dir_fd=None):
-        if isinstance(p, int):
-            return True
-        try:
-            r = resolve(p, dir_fd)
-        except Exception:
-            return False
-        return r == work or r.startswith(work + sep) or r == "/dev/null"
-    def deny(event):
-        raise PermissionError("sandbox: %s is not allowed" % event)
-    def hook(event, args):
-        if event == "open":
-            path, mode, flags = args
-            if isinstance(path, int):
-                return
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & W)
-            if writing and not inside(path):
-                deny("writing outside the working directory")
-            if not writing and "environ" in fsdecode(path):
-                r = resolve(path)
-                if environ_re.match(r) and not r.startswith(mine):
-                    deny("reading another process's environment")
-        elif event in blocked:
-            deny(event)
-        elif event == "import" and args[0] == "_posixsubprocess":
-            deny("process creation (_posixsubprocess)")
-        elif event == "os.kill":
-            if args[0] != me:
-                deny("signalling another process")
-        elif event in paths:
-            idx, fd_at = paths[event]
-            dir_fd = args[fd_at] if fd_at is not None and fd_at < len(args) else None
-            if not isinstance(dir_fd, int):
-                dir_fd = None
-            for i in idx:
-                if not inside(args[i], dir_fd):
-                    deny(event + " outside the working directory")
-    sys.addaudithook(hook)
-_setup()
-del _setup
-sys.argv = ["main.py"]
-with open("main.py", "rb") as _f:
-    _code = compile(_f.read(), "main.py", "exec")
-del _f
-exec(_code, {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "main.py"})
-"""
+# The child's side (limits, audit hook, calls), passed as ``python -c`` text; see that file.
+_PRELUDE = (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
 
 # Imported before dropping privileges when the interpreter's own library is out of the new uid's reach.
 _PREIMPORT = (
@@ -182,7 +82,8 @@ class SandboxResult:
 
     ok: bool
     returncode: int | None
-    """Exit status; negative ``-N`` when killed by signal ``N`` (``subprocess`` convention)."""
+    """Exit status; negative ``-N`` when killed by signal ``N`` (``subprocess`` convention; under
+    bubblewrap a status ``128 + N`` of the job is reported the same way)."""
     stdout: str
     stderr: str
     timed_out: bool
@@ -195,16 +96,32 @@ class SandboxResult:
     wall_s: float = 0.0
     uid: int | None = None
     """The unprivileged uid the program ran as (None when not running as root)."""
+    values: list | None = None
+    """With ``calls``: one ``("ok", value)``, ``("error", exception type name)`` or ``("missing", None)``
+    per call, decoded by the trainer from the result pipe; None without ``calls``."""
+    isolation: str = ""
+    """``bwrap`` or ``legacy`` (see the module doc)."""
 
 
 @dataclass(frozen=True)
 class _Runtime:
     python: str
     drop_privileges: bool
+    """Run the job as an unprivileged uid of its own (we are root)."""
     preimport: tuple[str, ...] = ()
     prefix: tuple[str, ...] = ()
     kill_bin: str | None = None
     setpriv: str | None = None
+    bwrap: str | None = None
+    """bubblewrap's path in ``bwrap`` mode, None in ``legacy`` mode."""
+    binds: tuple[str, ...] = ()
+    """Host paths mounted read-only into the bwrap sandbox (same path inside)."""
+    symlinks: tuple[tuple[str, str], ...] = ()
+    """``(target, link)`` pairs recreated inside (``/lib -> usr/lib`` on merged-/usr systems)."""
+
+    @property
+    def mode(self) -> str:
+        return "bwrap" if self.bwrap else "legacy"
 
 
 class _UidSlots:
@@ -253,6 +170,21 @@ _UIDS = _UidSlots()
 _RUNTIME: _Runtime | None = None
 _RUNTIME_LOCK = threading.Lock()
 _ENV_BASE = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+_SBIN = "/usr/bin:/bin:/usr/sbin:/sbin"
+_SHM_BYTES = 1 << 20
+_PROBE = "import fractions, json, collections\nprint('ok')"
+# What the legacy mode leaves uncontained, per case; the one-time warning quotes it.
+LEGACY_GAPS_ROOT = (
+    "no bubblewrap: as root the job runs as its own uid with no network, but it can read every "
+    "world-readable file (the data too, if world-readable), see other processes in /proc, reach "
+    "filesystem unix sockets, and fill the disk (only each file's size is capped)"
+)
+LEGACY_GAPS_USER = (
+    "no bubblewrap and not root: only the Python audit hook stands between the program and our user; "
+    "through ctypes or by disarming the hook a program can read and write our files (the data and "
+    "expected outputs included), read the trainer's /proc entries, signal or kill the trainer, use the network, "
+    "and fill the disk"
+)
 
 
 def _runtime() -> _Runtime:
@@ -264,14 +196,68 @@ def _runtime() -> _Runtime:
         return _RUNTIME
 
 
+def isolation() -> str:
+    """``bwrap`` or ``legacy``: the mode this process's sandbox runs in (probed on first use).
+
+    Set ``R1V2_SANDBOX=legacy`` before first use to skip bubblewrap.
+    """
+    return _runtime().mode
+
+
 def _detect_runtime() -> _Runtime:
     if os.name != "posix" or not sys.platform.startswith("linux"):
         raise RuntimeError("the sandbox needs Linux")
-    if os.geteuid() != 0:
+    root = os.geteuid() == 0
+    kill_bin = shutil.which("kill", path=_SBIN)
+    setpriv = shutil.which("setpriv", path=_SBIN)
+    bwrap = shutil.which("bwrap", path=os.environ.get("PATH", "") + ":" + _SBIN)
+    why = "bubblewrap (bwrap) is not installed"
+    if os.environ.get("R1V2_SANDBOX", "") == "legacy":
+        bwrap, why = None, "R1V2_SANDBOX=legacy"
+    elif bwrap and root and not setpriv:
+        bwrap, why = None, "setpriv (util-linux) is missing, needed to start bwrap as an unprivileged uid"
+    if bwrap:
+        links = tuple((os.readlink(p), p) for p in ("/lib", "/lib64", "/bin", "/sbin", "/lib32") if os.path.islink(p))
+        seen: set[str] = set()
+        for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+            real = os.path.realpath(cand)
+            if real in seen or not os.access(real, os.X_OK):
+                continue
+            seen.add(real)
+            binds = ["/usr"] + [p for p in ("/lib", "/lib64", "/bin", "/sbin") if os.path.isdir(p) and not os.path.islink(p)]
+            base = _base_prefix(real)
+            for extra in (base, os.path.dirname(real)):
+                if extra and not any(extra == b or extra.startswith(b + "/") for b in binds):
+                    binds.append(extra)
+            rt = _Runtime(real, root, (), (), kill_bin, setpriv, bwrap, tuple(binds), links)
+            res = _execute(rt, _PROBE, "", 10.0, 256, 5, 10_000, 1, 16, 64, None, 4)
+            if res.ok and res.stdout.strip() == "ok":
+                return rt
+            why = f"bwrap is installed but could not start a job ({res.stderr.strip()[-300:] or res.returncode})"
+    rt = _legacy_runtime(root, kill_bin, setpriv)
+    log.warning(
+        "SANDBOX NOT ISOLATED (%s). %s. Install bubblewrap (apt-get install bubblewrap) and allow user "
+        "namespaces to contain model-written code.", why, LEGACY_GAPS_ROOT if rt.drop_privileges else LEGACY_GAPS_USER
+    )
+    return rt
+
+
+def _base_prefix(python: str) -> str | None:
+    try:
+        out = subprocess.run(
+            [python, "-I", "-S", "-c", "import sys; print(sys.base_prefix)"], capture_output=True, timeout=10, text=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    p = out.stdout.strip()
+    return os.path.realpath(p) if out.returncode == 0 and p.startswith("/") and p != "/" else None
+
+
+def _legacy_runtime(root: bool, kill_bin: str | None, setpriv: str | None) -> _Runtime:
+    if not root:
         return _Runtime(sys.executable, drop_privileges=False)
-    sbin = "/usr/bin:/bin:/usr/sbin:/sbin"
     prefix: tuple[str, ...] = ()
-    unshare = shutil.which("unshare", path=sbin)
+    unshare = shutil.which("unshare", path=_SBIN)
     if unshare:
         try:
             probe = subprocess.run([unshare, "--net", "true"], capture_output=True, timeout=10)
@@ -279,8 +265,6 @@ def _detect_runtime() -> _Runtime:
                 prefix = (unshare, "--net", "--")
         except (OSError, subprocess.SubprocessError):
             pass
-    kill_bin = shutil.which("kill", path=sbin)
-    setpriv = shutil.which("setpriv", path=sbin)
     seen: set[str] = set()
     for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
         real = os.path.realpath(cand)
@@ -288,11 +272,11 @@ def _detect_runtime() -> _Runtime:
             continue
         seen.add(real)
         rt = _Runtime(cand, True, (), prefix, kill_bin, setpriv)
-        res = _execute(rt, "import fractions, json, collections\nprint('ok')", "", 10.0, 256, 5, 10_000, 1, 16, 64)
+        res = _execute(rt, _PROBE, "", 10.0, 256, 5, 10_000, 1, 16, 64, None, 4)
         if res.ok and res.stdout.strip() == "ok":
             return rt
     rt = _Runtime(sys.executable, True, _PREIMPORT, prefix, kill_bin, setpriv)
-    res = _execute(rt, "print('ok')", "", 10.0, 256, 5, 10_000, 1, 16, 64)
+    res = _execute(rt, "print('ok')", "", 10.0, 256, 5, 10_000, 1, 16, 64, None, 4)
     if res.ok and res.stdout.strip() == "ok":
         return rt
     log.warning("sandbox: cannot drop privileges here (%s); running programs as root", res.stderr[-300:])
@@ -309,6 +293,8 @@ def run_program(
     file_size_mb: int = 16,
     max_processes: int = 16,
     max_open_files: int = 64,
+    calls: list[str] | None = None,
+    disk_mb: int = 32,
 ) -> SandboxResult:
     """Run ``code`` as ``__main__`` with ``stdin`` in a contained child process (see module doc).
 
@@ -316,53 +302,100 @@ def run_program(
         timeout: wall-clock seconds before the process group is killed.
         memory_mb: address-space limit (``RLIMIT_AS``); 0 for none.
         cpu_seconds: CPU-time limit; default ``ceil(timeout) + 1``.
-        max_output_bytes: cap on stdout and on stderr each; past it the program is killed.
+        max_output_bytes: cap on stdout, on stderr and on the result pipe each; past it the program is killed.
         file_size_mb: largest file the program may write.
         max_processes: ``RLIMIT_NPROC`` (threads count too).
         max_open_files: ``RLIMIT_NOFILE``.
+        calls: expressions evaluated after the program, in its globals; their values come back
+            as plain data in ``SandboxResult.values`` (see the module doc).
+        disk_mb: size of the job's ``/tmp`` (working directory) in ``bwrap`` mode; the total it
+            can write is ``disk_mb`` plus 1 MiB of ``/dev/shm``.
 
     Example:
         >>> run_program("print(int(input()) * 2)", stdin="21\\n").stdout
         '42\\n'
+        >>> run_program("def f(x):\\n    return [x, (x,)]", calls=["f(2)"]).values
+        [('ok', [2, (2,)])]
     """
     cpu = int(cpu_seconds if cpu_seconds is not None else int(timeout + 0.999) + 1)
     return _execute(
-        _runtime(), code, stdin, timeout, memory_mb, cpu, max_output_bytes, file_size_mb, max_processes, max_open_files
-    )
+        _runtime(), code, stdin, timeout, memory_mb, cpu, max_output_bytes, file_size_mb, max_processes,
+        max_open_files, calls, disk_mb,
+    )  # fmt: skip
 
 
-def _execute(rt, code, stdin, timeout, memory_mb, cpu, max_output_bytes, file_size_mb, nproc, nofile) -> SandboxResult:
+def _execute(rt, code, stdin, timeout, memory_mb, cpu, cap, file_size_mb, nproc, nofile, calls, disk_mb) -> SandboxResult:
     t0 = time.monotonic()
     uid = _UIDS.acquire() if rt.drop_privileges else -1
     outer = tempfile.mkdtemp(prefix="r1v2-sandbox-")
     work = os.path.join(outer, "work")
     proc = None
+    res_r = res_w = -1
     try:
         os.mkdir(work, 0o700)
         main = os.path.join(work, "main.py")
         with open(main, "w", encoding="utf-8") as f:
             f.write(code)
-        if uid >= 0:
-            os.chown(work, uid, uid)
-            os.chown(main, uid, uid)
-            os.chmod(outer, 0o711)  # traversable, not writable nor listable by the child
+        calls_path = ""
+        if calls is not None:
+            calls_path = os.path.join(work, "calls.json")
+            with open(calls_path, "w", encoding="utf-8") as f:
+                json.dump(list(calls), f)
+        res_r, res_w = os.pipe()
+        limits = [str(memory_mb * 2**20), str(cpu), str(file_size_mb * 2**20), str(nproc), str(nofile)]
+        if rt.bwrap:
+            # The job's uid (as root) must read main.py: 0o755 / 0o644, the outer folder stays ours.
+            os.chmod(outer, 0o711)
+            os.chmod(work, 0o755)
+            for p in (main, calls_path):
+                if p:
+                    os.chmod(p, 0o644)
+            inner = "/tmp"
+            argv = []
+            if uid >= 0:
+                argv = [rt.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            argv += [rt.bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
+            for b in rt.binds:
+                argv += ["--ro-bind", b, b]
+            for target, link in rt.symlinks:
+                argv += ["--symlink", target, link]
+            argv += [
+                "--proc", "/proc", "--dev", "/dev", "--size", str(_SHM_BYTES), "--tmpfs", "/dev/shm",
+                "--size", str(disk_mb * 2**20), "--tmpfs", inner, "--ro-bind", main, inner + "/main.py",
+            ]  # fmt: skip
+            if calls_path:
+                argv += ["--ro-bind", calls_path, inner + "/calls.json"]
+            argv += ["--remount-ro", "/", "--chdir", inner, "--clearenv"]
+            for k, v in {**_ENV_BASE, "HOME": inner, "TMPDIR": inner}.items():
+                argv += ["--setenv", k, v]
+            argv += ["--", rt.python, "-I", "-S", "-c", _PRELUDE, inner, *limits, "-1", "-1", ""]
+            argv += [str(res_w), inner + "/calls.json" if calls_path else ""]
+            cwd, env = outer, {}
         else:
-            os.chmod(outer, 0o555)
-        argv = [
-            *rt.prefix, rt.python, "-I", "-S", "-c", _PRELUDE, work,
-            str(memory_mb * 2**20), str(cpu), str(file_size_mb * 2**20), str(nproc), str(nofile),
-            str(uid), str(uid), ",".join(rt.preimport),
-        ]  # fmt: skip
-        env = {**_ENV_BASE, "HOME": work, "TMPDIR": work}
+            if uid >= 0:
+                os.chown(work, uid, uid)
+                os.chown(main, uid, uid)
+                os.chmod(outer, 0o711)  # traversable, not writable nor listable by the child
+            else:
+                os.chmod(outer, 0o555)
+            argv = [
+                *rt.prefix, rt.python, "-I", "-S", "-c", _PRELUDE, work, *limits, str(uid), str(uid),
+                ",".join(rt.preimport), str(res_w), calls_path,
+            ]  # fmt: skip
+            cwd, env = work, {**_ENV_BASE, "HOME": work, "TMPDIR": work}
         with tempfile.TemporaryFile() as stdin_f:
             stdin_f.write(stdin.encode("utf-8"))
             stdin_f.seek(0)
             proc = subprocess.Popen(
-                argv, stdin=stdin_f, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=work, env=env,
-                start_new_session=True, close_fds=True,
+                argv, stdin=stdin_f, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
+                start_new_session=True, close_fds=True, pass_fds=(res_w,),
             )  # fmt: skip
-        out, err, reason, truncated = _supervise(proc, t0 + timeout, max_output_bytes, rt, uid)
+        os.close(res_w)
+        res_w = -1
+        out, err, raw, reason, truncated = _supervise(proc, res_r, t0 + timeout, cap, rt, uid)
         rc = proc.wait()
+        if rt.bwrap and rc is not None and rc > 128 and reason is None:
+            rc = -(rc - 128)  # bwrap exits with 128 + N when the job died of signal N
         if reason is None and rc is not None and rc < 0:
             sig = -rc
             reason = {signal.SIGXCPU: "cpu_limit", signal.SIGXFSZ: "file_size_limit"}.get(sig, f"signal:{_signame(sig)}")
@@ -376,20 +409,86 @@ def _execute(rt, code, stdin, timeout, memory_mb, cpu, max_output_bytes, file_si
             truncated=truncated,
             wall_s=time.monotonic() - t0,
             uid=uid if uid >= 0 else None,
+            values=None if calls is None else decode_values(raw, len(calls)),
+            isolation=rt.mode,
         )
     finally:
+        for fd in (res_r, res_w):
+            if fd >= 0:
+                os.close(fd)
         if proc is not None and proc.returncode is None:
             _kill_all(proc, rt, uid)
             proc.wait()
         if uid >= 0:
+            if not rt.bwrap:
+                _remove_files_of(uid)
             _UIDS.release(uid)
         _rmtree(outer)
 
 
-def _supervise(proc, deadline, cap, rt, uid) -> tuple[bytes, bytes, str | None, bool]:
-    """Read both pipes (bounded) until the leader exits, the deadline passes or output overflows."""
+_MAX_DEPTH = 64
+
+
+def decode_values(raw: bytes, n: int) -> list[tuple[str, object]]:
+    """The child's result lines -> ``n`` outcomes; anything but lines ``0..n-1`` in order voids them all.
+
+    Each line is ``[i, "ok", encoded value]`` or ``[i, "error", type name]``; a value is JSON with
+    tagged objects for what JSON lacks: ``{"t": [...]}`` tuple, ``{"d": [[k, v], ...]}`` dict,
+    ``{"s": [...]}`` set, ``{"f": "nan"}`` non-finite float. A job killed part-way keeps the
+    lines written before (the rest are ``missing``).
+    """
+    missing: list[tuple[str, object]] = [("missing", None)] * n
+    out: list[tuple[str, object]] = []
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines:
+        lines.pop()  # a line cut by a kill
+    if len(lines) > n:
+        return missing
+    for i, line in enumerate(lines):
+        try:
+            item = json.loads(line)
+            ok = isinstance(item, list) and len(item) == 3 and type(item[0]) is int and item[0] == i
+            if not ok or item[1] not in ("ok", "error"):
+                return missing
+            if item[1] == "error":
+                if not isinstance(item[2], str):
+                    return missing
+                out.append(("error", item[2][:100]))
+            else:
+                out.append(("ok", _plain(item[2], 0)))
+        except (ValueError, TypeError, RecursionError):
+            return missing
+    return out + missing[len(out):]
+
+
+def _plain(x, depth: int):
+    if depth > _MAX_DEPTH:
+        raise ValueError("too deep")
+    t = type(x)
+    if x is None or t in (bool, int, float, str):
+        return x
+    if t is list:
+        return [_plain(v, depth + 1) for v in x]
+    if t is dict and len(x) == 1:
+        (tag, v), = x.items()
+        if tag == "f" and v in ("nan", "inf", "-inf"):
+            return float(v)
+        if type(v) is list:
+            if tag == "t":
+                return tuple(_plain(e, depth + 1) for e in v)
+            if tag == "s":
+                return {_plain(e, depth + 1) for e in v}
+            if tag == "d" and all(type(p) is list and len(p) == 2 for p in v):
+                return {_plain(k, depth + 1): _plain(e, depth + 1) for k, e in v}
+    raise ValueError(f"not an encoded value: {t.__name__}")
+
+
+def _supervise(proc, res_fd, deadline, cap, rt, uid) -> tuple[bytes, bytes, bytes, str | None, bool]:
+    """Read the pipes (bounded) until the leader exits, the deadline passes or output overflows."""
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    bufs = {out_fd: bytearray(), err_fd: bytearray(), res_fd: bytearray()}
     sel = selectors.DefaultSelector()
     for fd in bufs:
         os.set_blocking(fd, False)
@@ -400,6 +499,23 @@ def _supervise(proc, deadline, cap, rt, uid) -> tuple[bytes, bytes, str | None, 
     except (AttributeError, OSError):
         pidfd = None
     reason, truncated, exited = None, False, False
+
+    def take(fd) -> bool:
+        """Read once from ``fd``; False at end of file. Sets ``truncated`` past the cap."""
+        nonlocal truncated
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        buf = bufs[fd]
+        room = cap - len(buf)
+        buf += data[:room]
+        if len(data) > room:
+            truncated = True
+        return True
+
     try:
         while True:
             now = time.monotonic()
@@ -413,18 +529,10 @@ def _supervise(proc, deadline, cap, rt, uid) -> tuple[bytes, bytes, str | None, 
                     exited = True
                     sel.unregister(fd)
                     continue
-                try:
-                    data = os.read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                if not data:
+                if not take(fd):
                     sel.unregister(fd)
-                    continue
-                buf = bufs[fd]
-                room = cap - len(buf)
-                buf += data[:room]
-                if len(data) > room:
-                    reason, truncated = "output_limit", True
+                if truncated:
+                    reason = "output_limit"
             if reason is not None:
                 break
             if pidfd is None and not exited:
@@ -438,28 +546,16 @@ def _supervise(proc, deadline, cap, rt, uid) -> tuple[bytes, bytes, str | None, 
             pipes = [k.fd for k in sel.get_map().values() if k.fd in bufs]
             while pipes and time.monotonic() < end:
                 for key, _ in sel.select(end - time.monotonic()):
-                    if key.fd not in bufs:
-                        continue
-                    try:
-                        data = os.read(key.fd, 65536)
-                    except BlockingIOError:
-                        continue
-                    if not data:
+                    if key.fd in bufs and not take(key.fd):
                         sel.unregister(key.fd)
                         pipes.remove(key.fd)
-                        continue
-                    buf = bufs[key.fd]
-                    room = cap - len(buf)
-                    buf += data[:room]
-                    if len(data) > room:
-                        truncated = True
     finally:
         sel.close()
         if pidfd is not None:
             os.close(pidfd)
         proc.stdout.close()
         proc.stderr.close()
-    return bytes(bufs[out_fd]), bytes(bufs[err_fd]), reason, truncated
+    return bytes(bufs[out_fd]), bytes(bufs[err_fd]), bytes(bufs[res_fd]), reason, truncated
 
 
 def _exited_unreaped(pid: int) -> bool:
@@ -470,12 +566,16 @@ def _exited_unreaped(pid: int) -> bool:
 
 
 def _kill_all(proc, rt: _Runtime, uid: int) -> None:
-    """SIGKILL the process group (leader not yet reaped, so the id is still ours) and the job's uid."""
+    """SIGKILL the process group (leader not yet reaped, so the id is still ours) and the job's uid.
+
+    Under bubblewrap, killing bwrap kills the job's PID namespace (``--die-with-parent``), and
+    no process can leave that namespace, so there is no uid-wide sweep.
+    """
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if uid >= 0 and rt.kill_bin:
+    if uid >= 0 and rt.kill_bin and not rt.bwrap:
         # kill(-1) as the job's uid: every process of that uid, atomically, and nothing else.
         # Through setpriv when there is one: Popen(user=...) cannot use vfork, and forking a
         # large trainer process costs several milliseconds.
@@ -486,6 +586,28 @@ def _kill_all(proc, rt: _Runtime, uid: int) -> None:
         else:
             argv = [rt.kill_bin, "-9", "-1"]
             subprocess.run(argv, user=uid, group=uid, extra_groups=[], env={}, cwd="/", timeout=10, **io)
+
+
+_SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def _remove_files_of(uid: int) -> None:
+    """Legacy mode as root: delete what the job's uid left in the world-writable folders."""
+    for top in _SHARED_DIRS:
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    _rmtree(e.path)
+                else:
+                    os.unlink(e.path)
+            except OSError:
+                pass
 
 
 def _rmtree(path: str) -> None:
@@ -542,6 +664,10 @@ class SandboxPool:
     def submit(self, code: str, stdin: str = "", **kwargs) -> Future:
         """Schedule one program; the future's result is a :class:`SandboxResult`."""
         return self._pool().submit(run_program, code, stdin, **{**self.defaults, **kwargs})
+
+    def call(self, fn, *args, **kwargs) -> Future:
+        """Run ``fn(*args, **kwargs)`` on a pool thread (a job that runs programs and checks budgets)."""
+        return self._pool().submit(fn, *args, **kwargs)
 
     def map(self, programs: Iterable[str | tuple[str, str] | dict], **kwargs) -> list[SandboxResult]:
         """Run every program (``code``, ``(code, stdin)`` or a dict of ``run_program`` kwargs), in order."""
