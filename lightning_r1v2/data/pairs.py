@@ -127,6 +127,7 @@ class PreferenceDataModule(R1V2DataModule):
         columns: Dataset column names (see ``R1V2DataModule``).
         max_pixels: Scale larger images down before the processor (0: never).
         min_pixels: Scale smaller images up (0: never).
+        allow_outside_paths: Held-out JSONL image paths may leave the file's folder (see ``R1V2DataModule``).
     """
 
     def __init__(
@@ -145,12 +146,14 @@ class PreferenceDataModule(R1V2DataModule):
         columns: dict[str, str] | None = None,
         max_pixels: int = 0,
         min_pixels: int = 0,
+        allow_outside_paths: bool = False,
     ):
         super().__init__(
             train_file=train_file, val_file=val_file, kind="prompts", batch_size=batch_size,
             eval_batch_size=eval_batch_size, max_prompt_tokens=max_prompt_tokens, strict=strict,
             max_train_records=max_train_pairs, max_val_records=max_val_records, seed=seed, num_workers=num_workers,
             format=format, columns=columns, max_pixels=max_pixels, min_pixels=min_pixels,
+            allow_outside_paths=allow_outside_paths,
         )
         # the parent's hyperparameters that this signature names differently or fixes
         self.hparams.update(kind="prompts", max_train_records=max_train_pairs)
