@@ -206,7 +206,10 @@ def fit_row(check: Check, args: list[str]) -> dict:
     if not stats.rows:
         raise RuntimeError("fit ran no training step")
     rows = stats.rows[1:] or stats.rows  # the first step warms up (allocator, kernels)
-    return check.step_columns(summarize(rows, *parameter_counts(lc.model.model), check.peak_tflops))
+    out = check.step_columns(summarize(rows, *parameter_counts(lc.model.model), check.peak_tflops))
+    ours = [type(cb).__name__ for cb in lc.trainer.callbacks if type(cb).__module__.startswith("lightning_r1v2")]
+    out["note"] = f"{len(stats.rows)} steps; callbacks: {', '.join(ours) or 'none'}"
+    return out
 
 
 def latest(*paths: str) -> str:
@@ -332,8 +335,7 @@ def grpo_variants(check: Check, a, folder: Path, train_file: str) -> None:
             where = "1 GPU" if a.device == "cuda" else "CPU"
             name = f"grpo {size} {where}" + (f" ZeRO-{stage}" if stage else "") + f" {cache} cache"
             if stage and a.device != "cuda" and not a.cpu_deepspeed:
-                check.skip(name, "Lightning's DeepSpeedStrategy runs only on CUDA GPUs (setup_environment refuses the "
-                                 "CPUAccelerator); --cpu-deepspeed runs it under CPUDeepSpeedStrategy")
+                check.skip(name, "Lightning's DeepSpeedStrategy refuses a CPU (--cpu-deepspeed: CPUDeepSpeedStrategy)")
                 continue
 
             def one(stage=stage, cache=cache, name=name):
