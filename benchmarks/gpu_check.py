@@ -31,8 +31,10 @@ compiled, graph-replayed decoding on CUDA) and the dynamic one. ``benchmarks/gpu
 ``run_variant`` runs each (a Trainer of ``--warmup + --steps`` rollout batches).
 
 A failing row is reported with the first line of its error (the full traceback goes to stderr)
-and the check goes on; a row whose input an earlier failure did not produce fails on that. Rows
-that would start after ``--budget-s`` are skipped. On a CPU (``--device cpu``) the DeepSpeed rows
+and the check goes on; a row whose input an earlier failure did not produce fails on that. The
+whole check keeps to ``--budget-s`` (400 s on a GPU): a row is stopped (a fail, "not done after N s")
+after ``--row-timeout-s`` (150 s on a GPU) or when the budget runs out, and rows are skipped once
+fewer than 10 s are left; rerun a part alone with ``--parts big`` or ``--parts tiny``. On a CPU (``--device cpu``) the DeepSpeed rows
 are skipped with the reason (Lightning's DeepSpeed strategy refuses a CPU accelerator), unless
 ``--cpu-deepspeed`` runs them under ``lightning_r1v2.strategies.CPUDeepSpeedStrategy``.
 
@@ -71,6 +73,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -108,11 +111,23 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
-class Check:
-    """Runs rows one after another; a row that raises is a fail with its first error line."""
+class RowTimeout(Exception):
+    """A row ran past its time limit (raised in the main thread by SIGALRM)."""
 
-    def __init__(self, device: str, budget_s: float, peak_tflops: float):
+
+class Check:
+    """Runs rows one after another; a row that raises is a fail with its first error line.
+
+    A row starts only while at least ``MIN_ROW_S`` of ``budget_s`` are left, and is stopped (a
+    ``RowTimeout`` raised into it) after ``row_timeout_s`` (0: never) or when the budget runs out,
+    whichever comes first; so the whole check ends within about ``budget_s``.
+    """
+
+    MIN_ROW_S = 10.0
+
+    def __init__(self, device: str, budget_s: float, peak_tflops: float, row_timeout_s: float = 0.0):
         self.device, self.budget_s, self.peak_tflops = device, budget_s, peak_tflops
+        self.row_timeout_s = row_timeout_s
         self.t0 = time.monotonic()
         self.rows: list[dict] = []
 
@@ -124,23 +139,36 @@ class Check:
         """``fn(*args, **kwargs)`` returns the row's metrics (``StepStats`` rows, a note); None if it failed."""
         import torch
 
-        if time.monotonic() - self.t0 > self.budget_s:
+        left = self.budget_s - (time.monotonic() - self.t0)
+        if left < self.MIN_ROW_S:
             self.skip(name, f"time budget spent (--budget-s {self.budget_s:g})")
             return None
+        limit = min(self.row_timeout_s, left) if self.row_timeout_s > 0 else left
         print(f"[gpu_check] {name}: start", flush=True)
         if self.device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         row: dict = {"row": name}
+        def alarm(signum, frame):
+            raise RowTimeout(f"not done after {limit:.3g} s (--row-timeout-s {self.row_timeout_s:g}, "
+                             f"--budget-s {self.budget_s:g})")
+
+        previous = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, limit)
         try:
             out = fn(*args, **kwargs) or {}
+            signal.setitimer(signal.ITIMER_REAL, 0)
             row["status"] = "pass"
         except (Exception, SystemExit) as e:  # a parse error of the CLI exits; the check goes on
+            signal.setitimer(signal.ITIMER_REAL, 0)
             traceback.print_exc()
             row["status"] = f"fail: {first_line(e)}"
             out = None
             e.__traceback__ = None  # drop the frames (and the tensors they hold) now
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
         row["wall s"] = time.perf_counter() - t
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -360,6 +388,18 @@ def grpo_variants(check: Check, a, folder: Path, train_file: str) -> None:
                 torch.cuda.empty_cache()
 
 
+def big_part(check: Check, a, work: Path) -> None:
+    """Part 2: the model folder, then the GRPO variants (on ``make-data``'s records, or its own)."""
+    if not Path("data/tiny/train.jsonl").exists():  # --parts big
+        from lightning_r1v2.data.synthetic import make_data
+
+        make_data("data/tiny", train=a.prompts * (a.warmup + a.steps + 1), val=1, seed=0, difficulty="easy")
+    folder = work / "model-667m"
+    size = "tiny" if a.quick else "667M"
+    if check.run(f"build {size} model folder", build_folder, folder, a.quick, a.device) is not None:
+        grpo_variants(check, a, folder, str(work / "data/tiny/train.jsonl"))
+
+
 # ---------------------------------------------------------------------------------- output
 def _fmt(key: str, v) -> str:
     if v is None:
@@ -408,7 +448,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--max-new-tokens", type=int, default=None, help="completion length (default 128; quick 4)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (default 989: H100 SXM)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="rows that would start later than this many seconds are skipped (default 400; cpu: 3600)")
+                   help="seconds for the whole check: a row is stopped when they run out, and rows are skipped "
+                        "once fewer than 10 are left (default 400; cpu: 3600)")
+    p.add_argument("--row-timeout-s", type=float, default=None,
+                   help="stop a row after this many seconds, reported as a fail (default 150; cpu: 0, never)")
     p.add_argument("--parts", default="tiny,big", help="which parts: tiny (the pipeline), big (GRPO variants)")
     p.add_argument("--cpu-deepspeed", action="store_true",
                    help="on a CPU, run the ZeRO rows under CPUDeepSpeedStrategy (slow: DeepSpeed builds an op first)")
@@ -435,7 +478,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if a.cpu_deepspeed:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    check = Check(a.device, budget, a.peak_tflops)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model and processor here is local
+    row_timeout = a.row_timeout_s if a.row_timeout_s is not None else (150.0 if a.device == "cuda" else 0.0)
+    check = Check(a.device, budget, a.peak_tflops, row_timeout)
     if missing:
         check.rows.append({"row": "dependencies", "status": f"fail: missing {', '.join(missing)}",
                            "note": "see --help: install from a folder of wheels"})
@@ -444,17 +489,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         work = Path(tmp)
         os.chdir(work)  # the configs' relative paths (data/tiny, runs/...) land in the temporary folder
         try:
-            if "tiny" in parts:
-                tiny_pipeline(check, a.device, a.quick, work)
-            if "big" in parts:
-                if not Path("data/tiny/train.jsonl").exists():
-                    from lightning_r1v2.data.synthetic import make_data
-
-                    make_data("data/tiny", train=a.prompts * (a.warmup + a.steps + 1), val=1, seed=0, difficulty="easy")
-                folder = work / "model-667m"
-                size = "tiny" if a.quick else "667M"
-                if check.run(f"build {size} model folder", build_folder, folder, a.quick, a.device) is not None:
-                    grpo_variants(check, a, folder, str(work / "data/tiny/train.jsonl"))
+            for part in ("tiny", "big"):
+                if part not in parts:
+                    continue
+                try:
+                    if part == "tiny":
+                        tiny_pipeline(check, a.device, a.quick, work)
+                    else:
+                        big_part(check, a, work)
+                except Exception as e:  # outside any row: an import that failed (a missing dependency)
+                    traceback.print_exc()
+                    check.rows.append({"row": f"{part} part (set-up)", "status": f"fail: {first_line(e)}"})
         finally:
             os.chdir(here)
     total = time.monotonic() - check.t0

@@ -107,3 +107,20 @@ def test_cpu_deepspeed_rows_run(tmp_path):
             r = rows[f"grpo tiny CPU ZeRO-{stage} {cache} cache"]
             assert r["status"] == "pass" and r["step s"] > 0 and r["rollout tok/s"] > 0, r
             assert "0.8M params" in r["note"]  # full counts of partitioned (ZeRO-3) parameters
+
+
+def test_a_row_past_its_time_limit_is_stopped_and_the_next_runs():
+    gc = _load()
+    check = gc.Check("cpu", budget_s=60, peak_tflops=1.0, row_timeout_s=0.3)
+
+    def forever():
+        while True:
+            pass
+
+    assert check.run("hangs", forever) is None
+    assert check.run("next", lambda: {"note": "ran"}) == {"note": "ran"}
+    hung, nxt = check.rows
+    assert hung["status"].startswith("fail: RowTimeout: not done after 0.3 s") and 0.25 < hung["wall s"] < 5, hung
+    assert nxt["status"] == "pass" and nxt["note"] == "ran"
+    check.budget_s = 0  # nothing left: the next row is skipped, not started
+    assert check.run("late", lambda: {"note": "ran"}) is None and check.rows[-1]["status"] == "skip"
