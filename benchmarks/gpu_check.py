@@ -34,9 +34,10 @@ A failing row is reported with the first line of its error (the full traceback g
 and the check goes on; a row whose input an earlier failure did not produce fails on that. The
 whole check keeps to ``--budget-s`` (400 s on a GPU): a row is stopped (a fail, "not done after N s")
 after ``--row-timeout-s`` (150 s on a GPU) or when the budget runs out, and rows are skipped once
-fewer than 10 s are left; rerun a part alone with ``--parts big`` or ``--parts tiny``. On a CPU (``--device cpu``) the DeepSpeed rows
-are skipped with the reason (Lightning's DeepSpeed strategy refuses a CPU accelerator), unless
-``--cpu-deepspeed`` runs them under ``lightning_r1v2.strategies.CPUDeepSpeedStrategy``.
+fewer than 10 s are left; rerun a part alone with ``--parts big`` or ``--parts tiny``. On a CPU
+(``--device cpu``) the DeepSpeed rows are skipped with the reason (Lightning's DeepSpeed strategy
+refuses a CPU accelerator), unless ``--cpu-deepspeed`` runs them under
+``lightning_r1v2.strategies.CPUDeepSpeedStrategy``.
 
 One table, one row per job or GRPO variant: status (pass / fail: the error's first line / skip),
 wall time, median step time, generation share of the step, rollout tokens/s (completion tokens /
@@ -49,21 +50,21 @@ A bare GPU machine (CUDA torch installed, nothing else, no internet)
 On a machine with internet, with the GPU machine's Python version and torch installed::
 
     pip download -d .whl "jsonargparse[signatures]>=4.35" "math-verify>=0.7" docstring_parser typeshed_client \\
-        hjson pydantic ninja psutil py-cpuinfo msgpack einops "lightning>=2.5" "transformers>=5.0" \\
-        "torchmetrics>=1.4" "accelerate>=1.0" pillow tensorboard matplotlib pyyaml
+        hjson pydantic ninja psutil py-cpuinfo msgpack einops
     pip wheel --no-deps --no-build-isolation -w .whl deepspeed      # needs torch; a py3-none-any wheel
 
-(for another platform add ``--only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.X``
-to ``pip download``). Copy ``.whl/`` and this checkout to the GPU machine, then::
+(none of these pulls torch; for another platform add ``--only-binary=:all: --platform
+manylinux2014_x86_64 --python-version 3.X`` to ``pip download``: pydantic_core is compiled). These
+are what the reference GPU image lacked; the check lists every missing module by its pip name
+before it starts: fetch any other the same way (``--no-deps`` for one that depends on torch, such
+as lightning or transformers). Copy ``.whl/`` and this checkout to the GPU machine, then::
 
     pip install --no-index --find-links .whl "jsonargparse[signatures]" math-verify docstring_parser \\
-        typeshed_client hjson pydantic lightning transformers torchmetrics accelerate pillow tensorboard \\
-        matplotlib pyyaml deepspeed
+        typeshed_client hjson pydantic deepspeed
     python benchmarks/gpu_check.py --json gpu_check.json
 
-(pip skips what is installed already, torch included; the check imports this checkout directly,
-so ``pip install -e .`` is not needed.) The check first lists every missing module with its
-``pip`` name.
+(pip skips what is installed already; the check imports this checkout directly, so
+``pip install -e .`` is not needed.)
 """
 from __future__ import annotations
 
@@ -279,8 +280,8 @@ def tiny_pipeline(check: Check, device: str, quick: bool, work: Path) -> None:
     check.run("sft", fit_row, check, ["--config", sized_config("sft", work / "sft.yaml", sft)])
 
     def pairs():
-        cli.main(["build-pairs", "--config", str(ROOT / "configs/tiny/build_pairs.yaml"), "--limit", str(s["pairs_limit"]),
-                  "--num_samples", str(s["pairs_samples"]), "--batch_size", "16"])
+        cli.main(["build-pairs", "--config", str(ROOT / "configs/tiny/build_pairs.yaml"),
+                  "--limit", str(s["pairs_limit"]), "--num_samples", str(s["pairs_samples"]), "--batch_size", "16"])
         n = sum(1 for _ in open("data/tiny/pairs.jsonl"))
         if n:
             return {"note": f"{n} pairs"}
@@ -313,9 +314,11 @@ def tiny_pipeline(check: Check, device: str, quick: bool, work: Path) -> None:
     check.run("grpo (every callback)", grpo_fit)
 
     grpo_ckpt = "runs/grpo/checkpoints/last.ckpt"
-    check.run("validate", lambda: cli.main(["validate", "--config", grpo_yaml, "--ckpt_path", latest(grpo_ckpt)]) and None)
-    check.run("evaluate (CPU)", lambda: cli.main(["evaluate", "--ckpt_path", latest(grpo_ckpt), "--data", "data/tiny/val.jsonl",
-                                                  "--limit", str(s["eval_limit"]), "--out", "runs/eval.json"]) and None)
+    check.run("validate", lambda: cli.main(["validate", "--config", grpo_yaml, "--ckpt_path", latest(grpo_ckpt)])
+              and None)
+    check.run("evaluate (CPU)", lambda: cli.main(["evaluate", "--ckpt_path", latest(grpo_ckpt), "--data",
+                                                  "data/tiny/val.jsonl", "--limit", str(s["eval_limit"]),
+                                                  "--out", "runs/eval.json"]) and None)
 
     def export():
         from lightning_r1v2.models.loading import load_policy
@@ -468,7 +471,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     missing = missing_modules()
     if missing:
         print(f"[gpu_check] missing modules (pip names): {' '.join(missing)}\n"
-              "[gpu_check] install them from a folder of wheels: see `python benchmarks/gpu_check.py --help`", flush=True)
+              "[gpu_check] install them from a folder of wheels: see `python benchmarks/gpu_check.py --help`",
+              flush=True)
     import torch
 
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -509,8 +513,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"transformers {info['transformers']}, deepspeed {info['deepspeed']}; total {total:.0f} s")
     print(table(check.rows))
     mem = "torch.cuda.max_memory_allocated, reset per row" if a.device == "cuda" else "process peak RSS, never reset"
-    print(f"step s: median over the measured steps (GRPO variants: {a.steps} after {a.warmup} warm-up; fits: all but the "
-          f"first); gen share: generate / step; update MFU: (2 x N + 4 x N_trainable) x T_update / (update s x "
+    print(f"step s: median over the measured steps (GRPO variants: {a.steps} after {a.warmup} warm-up; fits: all "
+          f"but the first); gen share: generate / step; update MFU: (2 x N + 4 x N_trainable) x T_update / (update s x "
           f"{a.peak_tflops:g} TFLOP/s) as benchmarks/gpu_step.py; peak mem: {mem}")
     n_fail = sum(r["status"].startswith("fail") for r in check.rows)
     print(f"{len(check.rows)} rows: {sum(r['status'] == 'pass' for r in check.rows)} pass, {n_fail} fail, "

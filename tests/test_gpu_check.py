@@ -124,3 +124,9 @@ def test_a_row_past_its_time_limit_is_stopped_and_the_next_runs():
     assert nxt["status"] == "pass" and nxt["note"] == "ran"
     check.budget_s = 0  # nothing left: the next row is skipped, not started
     assert check.run("late", lambda: {"note": "ran"}) is None and check.rows[-1]["status"] == "skip"
+
+
+def test_missing_modules_are_listed_by_their_pip_names(monkeypatch):
+    gc = _load()
+    monkeypatch.setattr(gc, "NEEDED", [("json", "json"), ("no_such_module_r1v2", "no-such-package[extra]")])
+    assert gc.missing_modules() == ["no-such-package[extra]"]
