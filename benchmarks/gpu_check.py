@@ -387,7 +387,11 @@ def grpo_variants(check: Check, a, folder: Path, train_file: str) -> None:
                               f"{res['_params'] / 1e6:.1f}M params"
                 return out
             check.run(name, one)
-            if a.device == "cuda":
+            if a.device == "cuda":  # free the compiled graphs (and their CUDA graph pools) of this variant's model
+                try:
+                    torch._dynamo.reset()
+                except Exception as e:
+                    print(f"[gpu_check] torch._dynamo.reset() failed: {first_line(e)}", flush=True)
                 torch.cuda.empty_cache()
 
 
