@@ -19,8 +19,8 @@ sizes changed (steps, batch sizes, record limits; ``accelerator``/``precision``)
   checkpoint and interrupt callbacks); ``validate`` (the GRPO checkpoint, on the GPU);
   ``evaluate`` and ``export`` (the GRPO checkpoint; the export is loaded back by path).
   ``build-pairs`` and ``evaluate`` load their checkpoint on the CPU (the jobs take no device).
-  A barely trained policy may sample no pair with the config's reward gap; the MPO stage then trains
-  on pairs "reference response vs a denial" written beside them (said in the row's note).
+  A briefly trained policy may sample fewer pairs than two MPO batches with the config's reward
+  gap; pairs "reference response vs a denial" are then added for MPO (said in the row's note).
 
 Part 2, GRPO at 667M: a ``TinyVLMConfig`` scaled as issue 16 did (vision 1024 wide x 24 layers
 at 448 px, patch 14 -> 256 image tokens after pixel shuffle; LLM 896 wide x 24 layers, 14 heads,
@@ -249,19 +249,27 @@ def latest(*paths: str) -> str:
     raise FileNotFoundError(f"none of {list(paths)} exists (the stage that writes them failed above)")
 
 
-def fallback_pairs(pairs_file: str, train_file: str, n: int) -> int:
-    """Write ``n`` pairs "reference response vs a denial" when ``build-pairs`` found none; returns how many."""
+def top_up_pairs(pairs_file: str, train_file: str, n: int) -> int:
+    """Append pairs "reference response vs a denial" until ``pairs_file`` holds ``n``; returns how many were added.
+
+    A briefly trained policy may sample fewer pairs than one MPO batch (which drops a short last
+    batch) with the config's reward gap; MPO then still runs.
+    """
     from lightning_r1v2.data.records import read_records
     from lightning_r1v2.jobs.sampling import output_record, write_jsonl
 
+    have = [json.loads(line) for line in Path(pairs_file).read_text().splitlines() if line.strip()]
+    if len(have) >= n:
+        return 0
     records, _ = read_records(train_file)
-    rows = [{**output_record(r, Path(pairs_file).parent), "pair_id": f"{r['id']}/0", "chosen": r["response"],
-             "rejected": "I can't see the image.", "chosen_reward": 1.0, "rejected_reward": 0.0, "gap": 1.0}
-            for r in records[:n]]
-    for r in rows:
-        r.pop("response", None)
-    write_jsonl(pairs_file, rows)
-    return len(rows)
+    added = []
+    for r in records[: n - len(have)]:
+        row = {**output_record(r, Path(pairs_file).parent), "pair_id": f"{r['id']}/check", "chosen": r["response"],
+               "rejected": "I can't see the image.", "chosen_reward": 1.0, "rejected_reward": 0.0, "gap": 1.0}
+        row.pop("response", None)
+        added.append(row)
+    write_jsonl(pairs_file, have + added)
+    return len(added)
 
 
 def tiny_pipeline(check: Check, device: str, quick: bool, work: Path) -> None:
@@ -282,11 +290,9 @@ def tiny_pipeline(check: Check, device: str, quick: bool, work: Path) -> None:
     def pairs():
         cli.main(["build-pairs", "--config", str(ROOT / "configs/tiny/build_pairs.yaml"),
                   "--limit", str(s["pairs_limit"]), "--num_samples", str(s["pairs_samples"]), "--batch_size", "16"])
-        n = sum(1 for _ in open("data/tiny/pairs.jsonl"))
-        if n:
-            return {"note": f"{n} pairs"}
-        k = fallback_pairs("data/tiny/pairs.jsonl", "data/tiny/train.jsonl", 4 * s["mpo_batch"])
-        return {"note": f"0 pairs sampled; MPO trains on {k} pairs 'reference vs denial'"}
+        n = sum(1 for line in open("data/tiny/pairs.jsonl") if line.strip())
+        k = top_up_pairs("data/tiny/pairs.jsonl", "data/tiny/train.jsonl", 2 * s["mpo_batch"])
+        return {"note": f"{n} pairs sampled" + (f"; {k} pairs 'reference vs denial' added for MPO" if k else "")}
     check.run("build-pairs (CPU)", pairs)
 
     def mpo(cfg):

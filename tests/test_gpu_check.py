@@ -54,6 +54,7 @@ def test_quick_cpu_check_reports_every_row_and_a_failing_job(tmp_path, monkeypat
         elif name != "evaluate (CPU)":
             assert by[name]["status"] == "pass", by[name]  # the rows after the failure ran
     assert "reloaded by path" in by["export"]["note"]
+    assert " pairs sampled" in by["build-pairs (CPU)"]["note"]
 
     for name in ("sft", "mpo"):  # a fit without rollouts: the whole step is the update
         assert by[name]["step s"] > 0 and by[name]["update MFU %"] > 0 and by[name]["gen share %"] is None
