@@ -436,6 +436,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 16's targets read off the GRPO variant rows that passed: ZeRO-3 step / ZeRO-2 step per cache
+    (<= 1.5), and the best rollout tokens/s against the 2,422 of plain ``generate`` at 667M (>= 5x)."""
+    grpo = {r["row"]: r for r in rows if r["row"].startswith("grpo ") and r["status"] == "pass" and r.get("step s")}
+    out = []
+    for cache in ("static", "dynamic"):
+        z2 = next((r for n, r in grpo.items() if f"ZeRO-2 {cache} cache" in n), None)
+        z3 = next((r for n, r in grpo.items() if f"ZeRO-3 {cache} cache" in n), None)
+        if z2 and z3:
+            out.append(f"ZeRO-3 / ZeRO-2 step time, {cache} cache: {z3['step s'] / z2['step s']:.2f} (target <= 1.5)")
+    rates = [(r["rollout tok/s"], n) for n, r in grpo.items() if "667M" in n and r.get("rollout tok/s")]
+    if rates:
+        best, name = max(rates)
+        out.append(f"best 667M rollout tok/s: {best:,.0f} ({name}) = {best / 2422:.1f}x the 2,422 of plain generate "
+                   "(target >= 5x)")
+    return out
+
+
 def versions(device: str) -> dict:
     import torch
 
@@ -522,6 +540,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"gpu_check on {info['device']}: torch {info['torch']} (CUDA {info['cuda']}), lightning {info['lightning']}, "
           f"transformers {info['transformers']}, deepspeed {info['deepspeed']}; total {total:.0f} s")
     print(table(check.rows))
+    for line in targets(check.rows):
+        print(line)
     mem = "torch.cuda.max_memory_allocated, reset per row" if a.device == "cuda" else "process peak RSS, never reset"
     print(f"step s: median over the measured steps (GRPO variants: {a.steps} after {a.warmup} warm-up; fits: all "
           f"but the first); gen share: generate / step; update MFU: (2 x N + 4 x N_trainable) x T_update / (update s x "

@@ -131,3 +131,19 @@ def test_missing_modules_are_listed_by_their_pip_names(monkeypatch):
     gc = _load()
     monkeypatch.setattr(gc, "NEEDED", [("json", "json"), ("no_such_module_r1v2", "no-such-package[extra]")])
     assert gc.missing_modules() == ["no-such-package[extra]"]
+
+
+def test_targets_are_read_off_the_variant_rows():
+    gc = _load()
+    rows = [
+        {"row": "grpo 667M 1 GPU static cache", "status": "pass", "step s": 1.0, "rollout tok/s": 14532.0},
+        {"row": "grpo 667M 1 GPU ZeRO-2 static cache", "status": "pass", "step s": 2.0, "rollout tok/s": 9000.0},
+        {"row": "grpo 667M 1 GPU ZeRO-3 static cache", "status": "pass", "step s": 3.2, "rollout tok/s": 8000.0},
+        {"row": "grpo 667M 1 GPU ZeRO-2 dynamic cache", "status": "pass", "step s": 4.0, "rollout tok/s": 2000.0},
+        {"row": "grpo 667M 1 GPU ZeRO-3 dynamic cache", "status": "fail: RowTimeout: not done after 150 s"},
+    ]
+    assert gc.targets(rows) == [
+        "ZeRO-3 / ZeRO-2 step time, static cache: 1.60 (target <= 1.5)",  # 3.2 / 2.0; dynamic: ZeRO-3 failed
+        "best 667M rollout tok/s: 14,532 (grpo 667M 1 GPU static cache) = 6.0x the 2,422 of plain generate "
+        "(target >= 5x)",  # 14532 / 2422 = 6.0
+    ]
