@@ -420,7 +420,7 @@ def _fmt(key: str, v) -> str:
     if isinstance(v, str):
         return v.replace("|", "/")
     if key in ("rollout tok/s",):
-        return f"{v:,.0f}"
+        return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
     if key in ("gen share %",):
         return f"{v:.0f}"
     if key in ("update MFU %",):
