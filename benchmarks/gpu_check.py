@@ -101,7 +101,15 @@ BIG = dict(image_size=448, patch_size=14, vision_hidden=1024, vision_layers=24, 
 
 def missing_modules() -> list[str]:
     """pip names of the ``NEEDED`` modules that are not installed."""
-    return [pip for mod, pip in NEEDED if importlib.util.find_spec(mod) is None]
+    out = []
+    for mod, pip in NEEDED:
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except (ImportError, ValueError):  # a broken install, or a module blocked in sys.modules
+            found = False
+        if not found:
+            out.append(pip)
+    return out
 
 
 def first_line(e: BaseException) -> str:
