@@ -245,7 +245,7 @@ def fit_row(check: Check, args: list[str]) -> dict:
     rows = stats.rows[1:] or stats.rows  # the first step warms up (allocator, kernels)
     out = check.step_columns(summarize(rows, *parameter_counts(lc.model.model), check.peak_tflops))
     ours = [type(cb).__name__ for cb in lc.trainer.callbacks if type(cb).__module__.startswith("lightning_r1v2")]
-    out["note"] = f"{len(stats.rows)} steps; callbacks: {', '.join(ours) or 'none'}"
+    out["note"] = f"{len(stats.rows)} batches; callbacks: {', '.join(ours) or 'none'}"
     return out
 
 
