@@ -55,7 +55,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # grpo_step; this checkout's package, not an installed one
 from grpo_step import build_data, build_module, load_config, optimizer_steps_per_batch, reward_callbacks  # noqa: E402
 
 from lightning_r1v2.models.loading import param_numel  # noqa: E402
