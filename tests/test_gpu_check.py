@@ -141,9 +141,11 @@ def test_targets_are_read_off_the_variant_rows():
         {"row": "grpo 667M 1 GPU ZeRO-3 static cache", "status": "pass", "step s": 3.2, "rollout tok/s": 8000.0},
         {"row": "grpo 667M 1 GPU ZeRO-2 dynamic cache", "status": "pass", "step s": 4.0, "rollout tok/s": 2000.0},
         {"row": "grpo 667M 1 GPU ZeRO-3 dynamic cache", "status": "fail: RowTimeout: not done after 150 s"},
+        {"row": "grpo tiny CPU ZeRO-2 dynamic cache", "status": "pass", "step s": 0.1, "rollout tok/s": 500.0},
+        {"row": "grpo tiny CPU ZeRO-3 dynamic cache", "status": "pass", "step s": 0.3, "rollout tok/s": 400.0},
     ]
     assert gc.targets(rows) == [
         "ZeRO-3 / ZeRO-2 step time, static cache: 1.60 (target <= 1.5)",  # 3.2 / 2.0; dynamic: ZeRO-3 failed
         "best 667M rollout tok/s: 14,532 (grpo 667M 1 GPU static cache) = 6.0x the 2,422 of plain generate "
         "(target >= 5x)",  # 14532 / 2422 = 6.0
-    ]
+    ]  # the tiny rows (--quick) are no evidence either way: no line for them
