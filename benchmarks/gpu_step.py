@@ -55,8 +55,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # grpo_step; this checkout's package, not an installed one
 from grpo_step import build_data, build_module, load_config, optimizer_steps_per_batch, reward_callbacks  # noqa: E402
+
+from lightning_r1v2.models.loading import param_numel  # noqa: E402
 
 COLUMNS = ["variant", "precision", "step s", "generate s", "update s", "peak mem GB", "rollout tok/s",
            "update tok", "update TFLOP/s", "MFU %"]
@@ -70,7 +73,12 @@ def _sync():
 
 
 class StepStats(L.Callback):
-    """One dict per rollout batch: step, generate and update times, token counts."""
+    """One dict per rollout batch: step, generate and update times, token counts.
+
+    On a module without rollouts (SFT, MPO) the whole step counts as update, and the update's
+    tokens are the batch's real tokens (``attention_mask.sum()``); ``benchmarks/gpu_check.py``
+    adds it to a config's callbacks as ``--trainer.callbacks+=gpu_step.StepStats``.
+    """
 
     def __init__(self):
         self.rows: list[dict] = []
@@ -83,6 +91,11 @@ class StepStats(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         _sync()
         step = time.perf_counter() - self._t
+        if getattr(pl_module, "last_rollouts", None) is None:  # SFT / MPO: the whole step is the update
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None  # [B, T]
+            self.rows.append({"step": step, "generate": 0.0, "update": step, "rollout_tokens": 0.0,
+                              "update_tokens": float(mask.sum()) if mask is not None else 0.0})
+            return
         pt, r = pl_module.phase_times, pl_module.last_rollouts
         G = pl_module.hparams.group_size
         prompt = float(r.prompt_mask.sum())  # [N, P] -> real prompt tokens (image tokens included)
@@ -98,15 +111,21 @@ class StepStats(L.Callback):
         })
 
 
-def run_variant(name: str, args, cfg: dict, train_file: str, device: str, precision: str, strategy) -> dict:
-    """Fit ``--warmup + --steps`` rollout batches under one precision/strategy; return the medians."""
+def run_variant(name: str, args, cfg: dict, train_file: str, device: str, precision: str, strategy,
+                module_overrides: dict | None = None, data_overrides: dict | None = None) -> dict:
+    """Fit ``--warmup + --steps`` rollout batches under one precision/strategy; return the medians.
+
+    ``module_overrides`` / ``data_overrides``: ``GRPOModule`` / ``R1V2DataModule`` arguments set
+    over the config's (``benchmarks/gpu_check.py``: a model folder, an engine, a prompt limit).
+    """
     L.seed_everything(args.seed, verbose=False)
     init = None if args.init_ckpt == "none" else args.init_ckpt
     overrides = {"table_every_n_steps": 0}
     if strategy is not None:
         overrides["max_grad_norm"] = 0.0  # DeepSpeed clips (its config below); clip_gradients is a no-op there
+    overrides.update(module_overrides or {})
     module = build_module(cfg, args.group_size, args.max_new_tokens, init, **overrides)
-    dm = build_data(cfg, args.prompts, val_file=None, train_file=train_file)
+    dm = build_data(cfg, args.prompts, val_file=None, train_file=train_file, **(data_overrides or {}))
     stats = StepStats()
     batches = args.warmup + args.steps
     rows = dm.hparams.batch_size * module.hparams.group_size
@@ -124,22 +143,12 @@ def run_variant(name: str, args, cfg: dict, train_file: str, device: str, precis
     if len(stats.rows) != batches:
         raise RuntimeError(f"variant {name}: ran {len(stats.rows)} rollout batches, expected {batches}")
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes()
-    measured = stats.rows[args.warmup:]
-    med = {k: statistics.median(r[k] for r in measured) for k in measured[0]}
-    n_params = sum(p.numel() for p in module.model.parameters())
-    n_trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
-    flops = (2 * n_params + 4 * n_trainable) * med["update_tokens"]  # forward all, backward the trainable
+    n_params, n_trainable = parameter_counts(module.model)
     out = {
         "variant": name,
         "precision": precision,
-        "step s": med["step"],
-        "generate s": med["generate"],
-        "update s": med["update"],
         "peak mem GB": peak / 1e9,
-        "rollout tok/s": statistics.median(r["rollout_tokens"] / r["generate"] for r in measured),
-        "update tok": med["update_tokens"],
-        "update TFLOP/s": flops / med["update"] / 1e12,
-        "MFU %": 100 * flops / med["update"] / (args.peak_tflops * 1e12),
+        **summarize(stats.rows[args.warmup:], n_params, n_trainable, args.peak_tflops),
         "_params": n_params,
         "_trainable": n_trainable,
         "_rows": rows,
@@ -151,15 +160,38 @@ def run_variant(name: str, args, cfg: dict, train_file: str, device: str, precis
     return out
 
 
+def parameter_counts(model) -> tuple[int, int]:
+    """``(N, N_trainable)``: full parameter counts, ZeRO-3 partitioned or not."""
+    n_params = sum(param_numel(p) for p in model.parameters())
+    n_trainable = sum(param_numel(p) for p in model.parameters() if p.requires_grad)
+    return n_params, n_trainable
+
+
+def summarize(rows: list[dict], n_params: int, n_trainable: int, peak_tflops: float) -> dict:
+    """Medians of ``StepStats`` rows, rollout tokens/s, and the update's TFLOP/s and MFU (module docstring)."""
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    flops = (2 * n_params + 4 * n_trainable) * med["update_tokens"]  # forward all, backward the trainable
+    rates = [r["rollout_tokens"] / r["generate"] for r in rows if r["generate"] > 0]
+    return {
+        "step s": med["step"],
+        "generate s": med["generate"],
+        "update s": med["update"],
+        "rollout tok/s": statistics.median(rates) if rates else 0.0,
+        "update tok": med["update_tokens"],
+        "update TFLOP/s": flops / med["update"] / 1e12,
+        "MFU %": 100 * flops / med["update"] / (peak_tflops * 1e12),
+    }
+
+
 def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def deepspeed_stage2():
-    """``DeepSpeedStrategy(stage=2)`` clipping at 1.0 (Lightning fills ``gradient_clipping`` only when missing)."""
+def deepspeed_strategy(stage: int = 2):
+    """``DeepSpeedStrategy(stage=stage)`` clipping at 1.0 (Lightning fills ``gradient_clipping`` only when missing)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    strategy = DeepSpeedStrategy(stage=2)
+    strategy = DeepSpeedStrategy(stage=stage)
     strategy.config["gradient_clipping"] = 1.0
     return strategy
 
@@ -235,7 +267,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 "(DeepSpeedStrategy.setup_environment refuses the CPUAccelerator)"))
             else:
                 try:
-                    strategy = deepspeed_stage2()
+                    strategy = deepspeed_strategy(stage=2)
                 except ImportError as e:
                     skipped.append(("b (deepspeed_stage_2)", f"deepspeed is not importable: {e}"))
                     continue
