@@ -41,6 +41,7 @@ class _FakeVLLM:
     def __init__(self, processor):
         self.events: list[str] = []
         self.loaded: list[str] = []
+        self.tensors: dict = {}
         self.llm_kwargs: dict = {}
         self.prompts: list = []
         self.params = None
@@ -78,6 +79,7 @@ class _FakeVLLM:
                 for name, tensor in weights:
                     assert isinstance(tensor, torch.Tensor)
                     fake.loaded.append(name)
+                    fake.tensors[name] = tensor.detach().clone()
 
         LLM_ARGS = {"model", "tokenizer", "dtype", "gpu_memory_utilization", "tensor_parallel_size",
                     "enable_sleep_mode", "max_model_len", "limit_mm_per_prompt", "logprobs_mode", "seed",
@@ -380,3 +382,27 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_a_lora_policy_is_pushed_merged_under_the_base_names(grpo, fake, batch, tiny_data):
+    """vLLM knows the base architecture: each adapted layer goes as W + (alpha / r) B A, no adapter tensor."""
+    from lightning_r1v2.models.lora import merged_state_dict
+    from lightning_r1v2.models.loading import load_policy
+
+    m = GRPOModule(engine=grpo.engine, group_size=G, trainable=[], lora={"r": 2, "alpha": 4, "parts": ["llm"]})
+    m.model_name = grpo.model_name
+    with torch.no_grad():  # adapters that are not zero, as after training
+        for n, p in m.model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.1)
+    m.engine.generate(m, batch, G)
+    base_names = {n for n, _ in load_policy("tiny")[0].named_parameters()}
+    assert set(fake.loaded) == base_names and len(fake.loaded) == len(base_names)  # each once, base names only
+    want = merged_state_dict(m.model)
+    for name, t in fake.tensors.items():
+        assert torch.allclose(t, want[name], atol=1e-6), name
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(fake.tensors[q], dict(m.model.named_parameters())[q.replace(".weight", ".base_layer.weight")])
+    fake.loaded.clear()
+    m.engine.push_weights(m)  # later pushes: the adapted (merged) layers only
+    assert fake.loaded and all(n.startswith("model.language_model.") for n in fake.loaded)

@@ -209,17 +209,18 @@ class VLLMEngine(RolloutEngine):
         from ..models.lora import has_lora
 
         policy = as_policy(policy)
-        if has_lora(policy.model):
-            raise NotImplementedError(
-                "VLLMEngine cannot push a LoRA policy yet (vLLM's load_weights takes base weights; merged "
-                "weights or LoRA requests are not implemented): use HFGenerateEngine with lora, or train "
-                "without lora under vLLM")
         if trainable_only is None:
             trainable_only = self._synced_step is not None
         zero3 = deepspeed_zero3_config(policy.trainer) is not None
         if zero3:
             import deepspeed
         model = policy.model
+        if has_lora(model):
+            if zero3:
+                raise NotImplementedError("VLLMEngine: pushing a LoRA policy under ZeRO-3 is not supported")
+            pushed = self._push_merged_lora(model, trainable_only)
+            self._after_push(policy)
+            return pushed
         seen: set[int] = set()
         pushed = 0
         for prefix, sub in model.named_modules():
@@ -237,6 +238,39 @@ class VLLMEngine(RolloutEngine):
             else:
                 self._load_weights([(self._vllm_name(n), p.data) for n, p in zip(names, params)])
             pushed += len(params)
+        self._after_push(policy)
+        return pushed
+
+    def _push_merged_lora(self, model, trainable_only: bool) -> int:
+        """A LoRA policy's weights as vLLM knows them: each adapted layer's ``weight`` is
+        ``W + (alpha / r) B A`` (peft's ``get_delta_weight``) under the base layer's name; the adapters
+        themselves are never sent. After the first push only adapted layers and trained parameters go."""
+        from peft.tuners.lora import LoraLayer
+
+        out: list[tuple[str, torch.Tensor]] = []
+        inside: set[str] = set()
+        seen: set[int] = set()  # tied parameters (embeddings / head) go once, as on the plain path
+        for name, mod in model.named_modules():
+            if any(name.startswith(p + ".") for p in inside):
+                continue
+            if isinstance(mod, LoraLayer):
+                inside.add(name)
+                base = mod.get_base_layer()
+                merged = base.weight.data.clone()
+                for adapter in mod.active_adapters:
+                    merged += mod.get_delta_weight(adapter).to(merged.dtype)
+                out.append((f"{name}.weight", merged))
+                if getattr(base, "bias", None) is not None and (not trainable_only or base.bias.requires_grad):
+                    out.append((f"{name}.bias", base.bias.data))
+                continue
+            for n, p in mod.named_parameters(recurse=False):
+                if id(p) not in seen and (not trainable_only or p.requires_grad):
+                    out.append((f"{name}.{n}" if name else n, p.data))
+                seen.add(id(p))
+        self._load_weights([(self._vllm_name(n), t) for n, t in out])
+        return len(out)
+
+    def _after_push(self, policy) -> None:
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         # vLLM also caches vision tower + connector outputs per image across requests, and the prefix
@@ -248,7 +282,6 @@ class VLLMEngine(RolloutEngine):
             engine.reset_encoder_cache()
         self._synced_step = policy.step
         self._weights_version += 1
-        return pushed
 
     def _vllm_name(self, name: str) -> str:
         for old, new in self.weight_name_map.items():
