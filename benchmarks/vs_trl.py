@@ -253,7 +253,7 @@ def run_trl(a) -> dict:
 
     from lightning_r1v2.data.collate import load_images
     from lightning_r1v2.models.tiny import build_processor, build_tiny_model
-    from lightning_r1v2.modules.common import load_policy_weights
+    from lightning_r1v2.models.weights import load_policy_weights
 
     torch.set_num_threads(a.threads)
     processor = build_processor()

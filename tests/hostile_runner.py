@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def import_code_reward():
-    for name, sub in (("lightning_r1v2", ""), ("lightning_r1v2.rewards", "rewards")):
+    for name, sub in (("lightning_r1v2", ""), ("lightning_r1v2.rewards", "rewards"), ("lightning_r1v2.data", "data")):
         mod = types.ModuleType(name)
         mod.__path__ = [os.path.join(ROOT, "lightning_r1v2", sub)]
         sys.modules[name] = mod

@@ -2,7 +2,7 @@
 import pytest
 
 from lightning_r1v2.rewards import SandboxPool, code_reward
-from lightning_r1v2.rewards.code import Check, FunctionTest, StdioTest, parse_test, parse_tests
+from lightning_r1v2.data.code_tests import Check, FunctionTest, StdioTest, parse_test, parse_tests
 from lightning_r1v2.rewards.faults import RewardFault
 
 

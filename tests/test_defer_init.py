@@ -212,7 +212,7 @@ def test_zero3_helpers_use_the_full_shape():
 
 def test_load_into_zero3_matches_load_state_dict(tmp_path):
     """The module-by-module copy used for ``init_ckpt`` under ZeRO-3 (a no-op gather on plain parameters)."""
-    from lightning_r1v2.modules.common import load_into_zero3
+    from lightning_r1v2.models.weights import load_into_zero3
 
     target, _ = load_policy("tiny", seed=0)
     source, _ = load_policy("tiny", seed=1)

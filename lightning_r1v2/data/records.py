@@ -143,7 +143,7 @@ def validate_record(
     if "tests" in rec and rec["tests"] is not None:
         if not isinstance(rec["tests"], list):
             return "wrong_type", "'tests' must be a list"
-        from ..rewards.code import parse_tests  # the code reward's own rules
+        from .code_tests import parse_tests  # the code reward's own rules (rewards/code.py runs them)
 
         try:
             parse_tests(rec["tests"])
