@@ -9,7 +9,14 @@ Departures from the papers, and why:
 - ``clip_eps_high`` allows the asymmetric "clip-higher" band of DAPO (arXiv 2503.14476); it
   defaults to ``clip_eps`` (the symmetric band of the papers).
 - ``aggregation="token"`` (DAPO-style token mean) is offered beside the paper's per-sequence
-  mean ``"sequence"`` (the default).
+  mean ``"sequence"`` (the default), and ``"token_sum_norm"``: each sequence's token sum divided by
+  a constant L (the engine's ``max_new_tokens``), then the mean over sequences (Dr. GRPO,
+  arXiv 2503.20783, sec. 3.2; verl's ``seq-mean-token-sum-norm``, TRL's ``dr_grpo``).
+- ``importance_level="sequence"`` is GSPO (arXiv 2507.18071, eq. 7): one ratio per sequence,
+  the geometric mean of its token ratios, clipped per sequence.
+- ``token_weights`` multiply the clipped surrogate per token (rollout-correction weights,
+  ``losses/correction.py``; the high-entropy mask, ``losses/high_entropy.py``); the KL term and
+  the denominators are left as they are.
 - The KL term, when used, is the k3 estimator (Schulman, http://joschu.net/blog/kl-approx.html)
   added per token, as in DeepSeekMath eq. 4; R1V3 runs with coefficient 0.
 - Log-ratios at masked (padding) positions are set to 0 before ``exp`` so that garbage there
@@ -23,7 +30,8 @@ from torch import Tensor
 
 from lightning_r1v2.losses.common import masked_mean
 
-AGGREGATIONS = ("sequence", "token")
+AGGREGATIONS = ("sequence", "token", "token_sum_norm")
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def group_advantages(
@@ -81,11 +89,21 @@ def grpo_loss(
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
     aggregation: str = "sequence",
+    importance_level: str = "token",
+    token_weights: Tensor | None = None,
+    length_norm: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate of R1V2 (arXiv 2504.16656), DeepSeekMath (arXiv 2402.03300) eq. 3:
 
-    L = -(1/G) sum_i (1/|y_i|) sum_t [ min(rho_t A_i, clip(rho_t, 1-eps_lo, 1+eps_hi) A_i)
-                                       - kl_coef * KL_k3,t ],   rho_t = exp(logp_t - old_logp_t).
+    L = -(1/G) sum_i (1/|y_i|) sum_t [ w_t min(rho_t A_i, clip(rho_t, 1-eps_lo, 1+eps_hi) A_i)
+                                       - kl_coef * KL_k3,t ],   rho_t = exp(logp_t - old_logp_t),
+
+    w_t = ``token_weights`` (1 when None). GSPO (``importance_level="sequence"``, arXiv 2507.18071
+    eq. 7) replaces rho_t of every token of sequence i by
+
+        s_i = exp( (1/|y_i|) sum_t (logp_t - old_logp_t) ),
+
+    so the min and the clip act once per sequence; d s_i / d logp_t = s_i / |y_i|.
 
     Args:
         logprobs: ``[N, T]`` current policy log-probs of the sampled tokens (with grad).
@@ -98,7 +116,12 @@ def grpo_loss(
         ref_logprobs: ``[N, T]`` reference log-probs; needed if ``kl_coef`` != 0.
         kl_coef: weight of the k3 KL term.
         aggregation: ``"sequence"`` mean per sequence then over sequences with >= 1 token;
-            ``"token"`` sum over all masked tokens / their count.
+            ``"token"`` sum over all masked tokens / their count; ``"token_sum_norm"`` per-sequence
+            sum / ``length_norm``, then the mean over sequences with >= 1 token (Dr. GRPO).
+        importance_level: ``"token"`` (rho_t) or ``"sequence"`` (GSPO's s_i).
+        token_weights: ``[N, T]`` detached per-token weights w_t of the surrogate, or None.
+        length_norm: the constant L of ``"token_sum_norm"`` (the longest completion the engine
+            may sample, ``max_new_tokens``).
 
     Returns:
         ``(loss, stats)``: stats (detached 0-dim) are ``loss``, ``clip_fraction``
@@ -108,16 +131,24 @@ def grpo_loss(
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"importance_level must be one of {IMPORTANCE_LEVELS}, got {importance_level!r}")
+    if aggregation == "token_sum_norm" and (length_norm is None or length_norm < 1):
+        raise ValueError(f"aggregation='token_sum_norm' needs length_norm >= 1 (max_new_tokens), got {length_norm}")
     if kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
     keep = mask != 0  # [N, T]
     high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = torch.where(keep, logprobs - old_logprobs, 0.0)  # [N, T]
+    if importance_level == "sequence":  # GSPO: the mean log-ratio of the sequence, on each of its tokens
+        log_ratio = masked_mean(log_ratio, keep, dim=-1).unsqueeze(-1).expand_as(log_ratio)  # [N, T]
     ratio = torch.exp(log_ratio)  # [N, T]
     adv = advantages.to(ratio.dtype).unsqueeze(-1)  # [N, 1]
     unclipped = ratio * adv  # [N, T]
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * adv  # [N, T]
     per_token = -torch.minimum(unclipped, clipped)  # [N, T]
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)  # [N, T]
 
     kl = torch.zeros((), device=logprobs.device)
     if ref_logprobs is not None:
@@ -128,6 +159,9 @@ def grpo_loss(
 
     if aggregation == "sequence":
         per_seq = masked_mean(per_token, mask, dim=-1)  # [N]
+        loss = masked_mean(per_seq, keep.any(dim=-1))
+    elif aggregation == "token_sum_norm":
+        per_seq = torch.where(keep, per_token, 0.0).sum(dim=-1) / length_norm  # [N]
         loss = masked_mean(per_seq, keep.any(dim=-1))
     else:
         loss = masked_mean(per_token, mask)
@@ -155,7 +189,7 @@ def micro_batch_weights(mask: Tensor, sizes: list[int], aggregation: str = "sequ
     (gradient accumulation) is the weighted sum of the micro-batch losses, with weights the
     micro-batch's share of what the mean runs over:
 
-        "sequence": w_k = S_k / S, S_k = sequences of micro-batch k with >= 1 response token;
+        "sequence", "token_sum_norm": w_k = S_k / S, S_k = sequences of micro-batch k with >= 1 response token;
         "token":    w_k = T_k / T, T_k = response tokens of micro-batch k.
 
     A micro-batch with nothing to average gets w_k = 0 (its loss is 0 too); so does every one
@@ -173,7 +207,7 @@ def micro_batch_weights(mask: Tensor, sizes: list[int], aggregation: str = "sequ
     if sum(sizes) != mask.shape[0] or any(s < 1 for s in sizes):
         raise ValueError(f"micro-batch sizes {sizes} must be >= 1 and sum to the {mask.shape[0]} rows")
     keep = mask != 0  # [n, T]
-    units = keep.any(dim=-1).float() if aggregation == "sequence" else keep.sum(dim=-1).float()  # [n]
+    units = keep.sum(dim=-1).float() if aggregation == "token" else keep.any(dim=-1).float()  # [n]
     parts = [float(p.sum()) for p in units.split(sizes)]
     total = sum(parts)
     return [p / total if total > 0 else 0.0 for p in parts]
