@@ -11,17 +11,25 @@ Departures from the papers, and why:
   numerics, as in on-policy GRPO.
 - Rows whose reward faulted with ``on_error="drop_group"`` are masked out of the loss.
 - A reference model exists only when ``kl_coef > 0`` (R1V3 uses no KL).
+- Options beside the paper (all off by default): GSPO's sequence ratio (``importance_level``),
+  Dr. GRPO's constant-length divisor (``aggregation: token_sum_norm``), high-entropy tokens only
+  (``entropy_quantile``), rollout correction for the engine's log-probs (``rollout_correction``);
+  DAPO's dynamic sampling is the ``DynamicSampling`` callback (it calls ``score_rollouts``).
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
+from dataclasses import replace
 
 import torch
 
 from ..callbacks.hooks import call_rollout_hook, reward_callbacks, step_stats
 from ..losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean, micro_batch_weights, token_logprobs
+from ..losses import high_entropy_mask, rollout_correction_weights
+from ..losses.correction import MODES as ROLLOUT_CORRECTION_MODES
+from ..losses.grpo import AGGREGATIONS, IMPORTANCE_LEVELS
 from ..rewards.combine import combine_columns, score_columns
 from ..rollout.base import RolloutEngine
 from ..rollout.hf_engine import HFGenerateEngine
@@ -42,7 +50,23 @@ class GRPOModule(PolicyModule):
         clip_eps: PPO clip (0.2 in R1V3).
         clip_eps_high: Upper clip (DAPO's clip-higher); None = ``clip_eps``.
         kl_coef: Coefficient of the k3 KL to a frozen reference (0 in R1V3: no reference kept).
-        aggregation: ``sequence`` (mean per sequence, then over sequences: the paper) or ``token``.
+        aggregation: ``sequence`` (mean per sequence, then over sequences: the paper), ``token``
+            (DAPO's token mean) or ``token_sum_norm`` (Dr. GRPO: each sequence's token sum divided by
+            the engine's ``max_new_tokens``, then the mean over sequences).
+        importance_level: ``token`` (the PPO ratio per token) or ``sequence`` (GSPO, arXiv
+            2507.18071: one ratio per sequence, the geometric mean of its token ratios, clipped per
+            sequence; the paper clips with eps 3e-4 / 4e-4).
+        entropy_quantile: Share of each loss call's response tokens, highest entropy first, that
+            carry the policy gradient (1.0: all; 0.2: the top 20%, arXiv 2506.01939).
+        rollout_correction: Correct for the rollout engine's log-probs differing from the trainer's
+            (None: off): ``token_truncate``, ``token_mask``, ``sequence_truncate`` or
+            ``sequence_mask``. The trainer's log-probs of the batch are computed before the update
+            (one extra no-grad forward) and are the PPO ratio's denominator; the engine's recorded
+            ones give the weight w = pi_trainer / pi_engine, truncated at (or masked above)
+            ``rollout_correction_cap`` (``losses/correction.py``). TRL turns it on by default
+            (``sequence_mask``, cap 3); verl has it off by default (``rollout_is``, threshold 2).
+        rollout_correction_cap: The cap C of the weight.
+        rollout_correction_cap_low: Mask modes: also drop weights below this (None: no lower edge).
         scale_advantages: Divide by the group std (False: Dr. GRPO style ``r - mean``).
         reward_mode: ``sum`` (R1V2), ``weighted`` (R1V3 0.8 acc + 0.2 format) or ``gate``.
         mini_batch_size: Rollout rows per optimizer step (0: the whole batch, one step).
@@ -71,6 +95,11 @@ class GRPOModule(PolicyModule):
         clip_eps_high: float | None = None,
         kl_coef: float = 0.0,
         aggregation: str = "sequence",
+        importance_level: str = "token",
+        entropy_quantile: float = 1.0,
+        rollout_correction: str | None = None,
+        rollout_correction_cap: float = 2.0,
+        rollout_correction_cap_low: float | None = None,
         scale_advantages: bool = True,
         reward_mode: str = "weighted",
         mini_batch_size: int = 0,
@@ -88,8 +117,14 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"mini_batch_size and micro_batch_size must be >= 0 (0: all), got {mini_batch_size}, {micro_batch_size}")
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 for group advantages, got {group_size}")
-        if aggregation not in ("sequence", "token"):
-            raise ValueError(f"aggregation must be 'sequence' or 'token', got {aggregation!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if importance_level not in IMPORTANCE_LEVELS:
+            raise ValueError(f"importance_level must be one of {IMPORTANCE_LEVELS}, got {importance_level!r}")
+        if not 0 < entropy_quantile <= 1:
+            raise ValueError(f"entropy_quantile must be in (0, 1] (1.0: every token), got {entropy_quantile}")
+        if rollout_correction is not None and rollout_correction not in ROLLOUT_CORRECTION_MODES:
+            raise ValueError(f"rollout_correction must be None or one of {ROLLOUT_CORRECTION_MODES}, got {rollout_correction!r}")
         self.engine = engine or HFGenerateEngine()
         self.automatic_optimization = False
         self.ref_model = None
@@ -155,12 +190,7 @@ class GRPOModule(PolicyModule):
         rollouts = self.engine.generate(self.policy(), batch, hp.group_size)
         t1 = time.perf_counter()
         call_rollout_hook(self.trainer, self, "on_rollouts", rollouts)
-        cbs = self.reward_callbacks()
-        score_columns(rollouts, cbs)
-        call_rollout_hook(self.trainer, self, "on_rewards", rollouts)
-        rollouts = rollouts.to(self.device)  # reward columns and fault masks may come back on the CPU
-        rollouts.reward = combine_columns(rollouts, cbs, hp.reward_mode)
-        rollouts.advantages = group_advantages(rollouts.reward, hp.group_size, scale=hp.scale_advantages)
+        rollouts = self.score_rollouts(rollouts)
         pre = self._reward_stats(rollouts)
         t2 = time.perf_counter()
         if self.ref_model is not None and rollouts.ref_logprobs is None:
@@ -180,6 +210,21 @@ class GRPOModule(PolicyModule):
             self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, batch_size=len(rollouts))
         self.log("reward", reward, prog_bar=True, batch_size=len(rollouts))
         self.last_rollouts = rollouts  # read by CompletionsTable (and tests) after the step
+
+    def score_rollouts(self, rollouts: Rollouts, hooks: bool = True) -> Rollouts:
+        """Reward columns (``RewardCallback``s, config order), ``on_rewards``, the combined reward and
+        the group advantages of ``rollouts``; returns the scored batch, on the module's device.
+        ``hooks=False`` skips ``on_rewards``: the extra rollouts of ``DynamicSampling`` are scored
+        without the monitors counting them."""
+        hp = self.hparams
+        cbs = self.reward_callbacks()
+        score_columns(rollouts, cbs)
+        if hooks:
+            call_rollout_hook(self.trainer, self, "on_rewards", rollouts)
+        rollouts = rollouts.to(self.device)  # reward columns and fault masks may come back on the CPU
+        rollouts.reward = combine_columns(rollouts, cbs, hp.reward_mode)
+        rollouts.advantages = group_advantages(rollouts.reward, hp.group_size, scale=hp.scale_advantages)
+        return rollouts
 
     def _logging_step(self) -> bool:
         """Whether this step's metrics are logged: every ``trainer.log_every_n_steps`` rollout
@@ -215,12 +260,18 @@ class GRPOModule(PolicyModule):
         totals: dict[str, float] = {}
         count = 0
         single_pass = hp.updates_per_batch == 1 and mb >= n
-        if rollouts.old_logprobs is None and not single_pass:
-            with torch.no_grad():
-                rollouts.old_logprobs = torch.cat(
-                    [self.sequence_logprobs(self.model, rollouts.select(range(i, min(i + micro, n))))[0]
-                     for i in range(0, n, micro)]
-                )
+        weights_all, batch_stats = None, {}
+        if hp.rollout_correction is not None:  # the engine's log-probs weigh the loss; the trainer's are pi_old
+            if rollouts.old_logprobs is None:
+                raise ValueError(f"rollout_correction={hp.rollout_correction!r} needs the log-probs the engine recorded "
+                                 f"while sampling, and {type(self.engine).__name__} recorded none (record_logprobs?)")
+            trainer_old = self._policy_logprobs(rollouts, micro)  # [N, C]
+            weights_all, batch_stats = rollout_correction_weights(
+                trainer_old, rollouts.old_logprobs, mask_all, hp.rollout_correction,
+                hp.rollout_correction_cap, hp.rollout_correction_cap_low)  # [N, C]
+            rollouts = replace(rollouts, old_logprobs=trainer_old)
+        elif rollouts.old_logprobs is None and not single_pass:
+            rollouts.old_logprobs = self._policy_logprobs(rollouts, micro)
         for _ in range(hp.updates_per_batch):
             for start in range(0, n, mb):
                 rows_of_step = list(range(start, min(start + mb, n)))
@@ -235,13 +286,21 @@ class GRPOModule(PolicyModule):
                     mask = mask_all[idx]
                     logp, ent = self.sequence_logprobs(self.model, rows, with_entropy=True)
                     old = rows.old_logprobs if rows.old_logprobs is not None else logp.detach()
+                    token_w = None if weights_all is None else weights_all[idx]  # [n, C]
+                    if hp.entropy_quantile < 1.0:
+                        keep_ent, tau = high_entropy_mask(ent, mask, hp.entropy_quantile)  # [n, C]
+                        token_w = keep_ent if token_w is None else token_w * keep_ent
                     loss, stats = grpo_loss(
                         logp, old, rows.advantages, mask,
                         clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high,
                         ref_logprobs=rows.ref_logprobs, kl_coef=hp.kl_coef, aggregation=hp.aggregation,
+                        importance_level=hp.importance_level, token_weights=token_w,
+                        length_norm=getattr(self.engine, "max_new_tokens", None),
                     )
                     self.manual_backward(loss * w)  # w = 1 for a single micro-batch (0 if it has no tokens)
                     stats["entropy"] = masked_mean(ent, mask)
+                    if hp.entropy_quantile < 1.0:
+                        stats["entropy/quantile_threshold"] = tau if torch.isfinite(tau) else torch.zeros_like(tau)
                     for k, v in stats.items():  # stats weighted like the loss; all 0 where w is 0
                         step_stats[k] = step_stats.get(k, 0.0) + w * float(v)
                 if hp.max_grad_norm:
@@ -252,7 +311,16 @@ class GRPOModule(PolicyModule):
                 for k, v in step_stats.items():
                     totals[k] = totals.get(k, 0.0) + v
                 count += 1
-        return {k: v / count for k, v in totals.items()}
+        out = {k: v / count for k, v in totals.items()}
+        out.update({k: float(v) for k, v in batch_stats.items()})
+        return out
+
+    @torch.no_grad()
+    def _policy_logprobs(self, rollouts: Rollouts, micro: int):
+        """Log-probs ``[N, C]`` of the batch under the policy as it is now, ``micro`` rows at a time."""
+        n = len(rollouts)
+        return torch.cat([self.sequence_logprobs(self.model, rollouts.select(range(i, min(i + micro, n))))[0]
+                          for i in range(0, n, micro)])
 
     def _check_accumulation(self):
         cfg = deepspeed_config(self.trainer)

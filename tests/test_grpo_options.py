@@ -1,0 +1,141 @@
+"""GRPO options on a tiny model: rollout correction, GSPO / Dr. GRPO / high-entropy settings, and
+DAPO's dynamic sampling (the batch the loss sees has no zero-variance group; extra rollouts logged)."""
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_r1v2.callbacks import DynamicSampling, RolloutHooks
+from lightning_r1v2.callbacks.dynamic_sampling import groups_with_spread
+from lightning_r1v2.data.datamodule import R1V2DataModule
+from lightning_r1v2.modules import GRPOModule
+from lightning_r1v2.rewards import RewardCallback
+from lightning_r1v2.rollout import HFGenerateEngine
+
+
+class _ShiftedEngine(HFGenerateEngine):
+    """Records log-probs ln 3 above the true ones: a mismatched engine, w = pi_trainer / pi_engine = 1/3."""
+
+    def generate(self, module, batch, group_size):
+        r = super().generate(module, batch, group_size)
+        r.old_logprobs = r.old_logprobs + math.log(3.0) * r.completion_mask
+        return r
+
+
+def _length_parity(completions, **_):
+    """1.0 for an odd number of characters: a reward with spread in some groups and none in others."""
+    return [float(len(c) % 2) for c in completions]
+
+
+def _fit(module, tiny_data, tmp_path, callbacks, steps=1, batch_size=2):
+    dm = R1V2DataModule(train_file=str(tiny_data / "train.jsonl"), val_file=None, kind="prompts", batch_size=batch_size)
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
+        enable_checkpointing=False, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[RewardCallback(_length_parity, name="parity", weight=1.0), *callbacks],
+    )
+    trainer.fit(module, dm)
+    return trainer
+
+
+@pytest.mark.parametrize("mode,cap_low,share,loss_zero", [
+    ("token_mask", 0.5, 1.0, True),        # w = 1/3 < 0.5 on every token: all masked, the surrogate is 0
+    ("token_truncate", None, 0.0, False),  # w = 1/3 < C = 2: nothing truncated, the loss is scaled by 1/3
+])
+def test_rollout_correction_sees_the_engine_mismatch(tiny_data, tmp_path, mode, cap_low, share, loss_zero):
+    torch.manual_seed(0)
+    m = GRPOModule(engine=_ShiftedEngine(max_new_tokens=8, temperature=1.3), group_size=4, lr=1e-3,
+                   rollout_correction=mode, rollout_correction_cap=2.0, rollout_correction_cap_low=cap_low)
+    metrics = _fit(m, tiny_data, tmp_path, []).logged_metrics
+    # the trainer's no-grad forward matches the engine's sampling pass within 1e-4 (test_grpo_module),
+    # so the mean |log ratio| is the injected ln 3
+    assert float(metrics["rollout_correction/log_ratio_abs_mean"]) == pytest.approx(math.log(3.0), abs=1e-3)
+    assert float(metrics["rollout_correction/capped_share"]) == share
+    expected_w = 0.0 if loss_zero else 1.0 / 3.0
+    assert float(metrics["rollout_correction/weight_mean"]) == pytest.approx(expected_w, abs=1e-3)
+    assert (float(metrics["loss"]) == 0.0) == loss_zero
+
+
+def test_rollout_correction_needs_recorded_logprobs(tiny_data, tmp_path):
+    m = GRPOModule(engine=HFGenerateEngine(max_new_tokens=8, record_logprobs=False), group_size=2, lr=1e-3,
+                   rollout_correction="sequence_truncate")
+    with pytest.raises(ValueError, match="recorded none"):
+        _fit(m, tiny_data, tmp_path, [])
+
+
+def test_gspo_dr_grpo_and_high_entropy_settings_run_and_log(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    m = GRPOModule(engine=HFGenerateEngine(max_new_tokens=8, temperature=1.3), group_size=4, lr=1e-3,
+                   importance_level="sequence", aggregation="token_sum_norm", entropy_quantile=0.2,
+                   clip_eps=3e-4, clip_eps_high=4e-4)
+    metrics = _fit(m, tiny_data, tmp_path, []).logged_metrics
+    assert math.isfinite(float(metrics["loss"]))
+    assert float(metrics["entropy/quantile_threshold"]) > 0  # the top-20% entropy cut of a random policy
+    for bad in ({"importance_level": "group"}, {"entropy_quantile": 0.0}, {"rollout_correction": "token"},
+                {"aggregation": "dr_grpo"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GRPOModule(group_size=2, **bad)
+
+
+class _LossBatchSpy(RolloutHooks):
+    """Listed after DynamicSampling: sees the batch the loss sees."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_advantages(self, trainer, pl_module, rollouts):
+        self.batches.append(rollouts)
+
+
+def test_groups_with_spread_by_hand():
+    # groups [0, 0 | 1, 1 | 2, 2]: rewards [1, 1 | 0, 1 | 0, 0.5] with row 5 dropped
+    ids, spread, rows = groups_with_spread(torch.tensor([1.0, 1, 0, 1, 0, 0.5]), torch.tensor([0, 0, 1, 1, 2, 2]),
+                                           torch.tensor([False, False, False, False, False, True]))
+    assert ids == [0, 1, 2] and spread == [False, True, False]
+    assert [r.tolist() for r in rows] == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_dynamic_sampling_gives_the_loss_no_zero_variance_group(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    G, B, steps = 2, 4, 3  # G = 2: half of the groups have equal rewards under the parity reward
+    m = GRPOModule(engine=HFGenerateEngine(max_new_tokens=8, temperature=1.3), group_size=G, lr=1e-3,
+                   aggregation="token", clip_eps_high=0.28)
+    ds, spy = DynamicSampling(max_extra_prompts=32, round_prompts=4, seed=0), _LossBatchSpy()
+    stats = []
+
+    class _Stats(RolloutHooks):
+        def on_advantages(self, trainer, pl_module, rollouts):
+            stats.append(dict(ds.last_stats))
+
+    trainer = _fit(m, tiny_data, tmp_path, [ds, spy, _Stats()], steps=steps, batch_size=B)
+    assert len(spy.batches) == steps
+    for r in spy.batches:
+        assert len(r) == B * G and r.num_groups == B  # the batch size is kept
+        _, spread, _ = groups_with_spread(r.reward, r.group_ids, r.dropped)
+        assert all(spread), "the loss saw a group with zero reward spread"
+        assert (r.advantages.abs() > 1e-6).all()
+    # the sampled batches did hold zero-variance groups, and replacing them cost logged extra rollouts
+    assert sum(s["dynamic_sampling/zero_std_share_before"] for s in stats) > 0
+    extra = [s["dynamic_sampling/extra_rollouts"] for s in stats]
+    assert sum(extra) > 0 and all(e % G == 0 for e in extra)
+    assert stats[-1]["dynamic_sampling/extra_rollouts_total"] == sum(extra) == ds.extra_rollouts_total
+    assert all(s["dynamic_sampling/zero_std_share_after"] == 0.0 for s in stats)
+    metrics = trainer.logged_metrics
+    assert float(metrics["dynamic_sampling/extra_rollouts_total"]) == sum(extra)
+    # the module's effective_share is that of the batch as sampled: with G = 2 and 0/1 rewards, a group
+    # with spread has both advantages non-zero, so it is 1 - the callback's zero-std share before
+    assert float(metrics["effective_share"]) == pytest.approx(1.0 - stats[-1]["dynamic_sampling/zero_std_share_before"])
+    assert ds.state_dict()["pos"] > 0
+
+
+def test_dynamic_sampling_cap_keeps_the_batch_size(tiny_data, tmp_path):
+    # no extra prompts allowed: the batch passes through unchanged in size, zero-variance groups included
+    torch.manual_seed(0)
+    m = GRPOModule(engine=HFGenerateEngine(max_new_tokens=8, temperature=1.3), group_size=2, lr=1e-3)
+    ds, spy = DynamicSampling(max_extra_prompts=0), _LossBatchSpy()
+    _fit(m, tiny_data, tmp_path, [ds, spy], steps=2, batch_size=4)
+    for r in spy.batches:
+        assert len(r) == 8
+    assert ds.extra_rollouts_total == 0
+    assert ds.last_stats["dynamic_sampling/zero_std_share_after"] == ds.last_stats["dynamic_sampling/zero_std_share_before"]
