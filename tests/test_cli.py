@@ -23,7 +23,8 @@ def test_there_are_configs():
 
 
 # overlays are laid over a stage's config: `--config BASE --config OVERLAY`
-OVERLAYS = {"grpo_zero3_cpu": "grpo"}
+OVERLAYS = {"grpo_zero3_cpu": "grpo", "grpo_dapo": "grpo", "grpo_gspo": "grpo", "grpo_dr_grpo": "grpo",
+            "grpo_high_entropy": "grpo", "grpo_tis": "grpo"}
 
 
 def _config_args(path):
