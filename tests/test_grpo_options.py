@@ -139,3 +139,47 @@ def test_dynamic_sampling_cap_keeps_the_batch_size(tiny_data, tmp_path):
         assert len(r) == 8
     assert ds.extra_rollouts_total == 0
     assert ds.last_stats["dynamic_sampling/zero_std_share_after"] == ds.last_stats["dynamic_sampling/zero_std_share_before"]
+
+
+class _Trainer:
+    """Just what DynamicSampling reads to draw prompts."""
+
+    class datamodule:  # noqa: N801
+        train_records = [{"id": i} for i in range(5)]
+
+
+def test_dynamic_sampling_prompt_stream_resumes_exactly():
+    a = DynamicSampling(seed=3)
+    first = [r["id"] for r in a._draw(_Trainer, 3)]
+    state = a.state_dict()
+    rest = [r["id"] for r in a._draw(_Trainer, 4)]  # 2 left in the first permutation, then a new one
+    b = DynamicSampling(seed=3)
+    b.load_state_dict(state)
+    assert [r["id"] for r in b._draw(_Trainer, 4)] == rest
+    assert sorted(first + rest[:2]) == [0, 1, 2, 3, 4]  # a whole permutation before any repeat
+    assert b.state_dict() == {"pass": 1, "pos": 2, "extra_rollouts_total": 0}
+    with pytest.raises(ValueError, match="training records"):
+        DynamicSampling()._draw(object(), 1)
+
+
+@pytest.mark.parametrize("overlay,expected", [
+    ("grpo_dapo", ["class_path: lightning_r1v2.callbacks.DynamicSampling", "clip_eps_high: 0.28", "aggregation: token\n"]),
+    ("grpo_gspo", ["importance_level: sequence", "clip_eps: 0.0003"]),
+    ("grpo_dr_grpo", ["scale_advantages: false", "aggregation: token_sum_norm"]),
+    ("grpo_high_entropy", ["entropy_quantile: 0.2"]),
+    ("grpo_tis", ["rollout_correction: token_truncate", "rollout_correction_cap: 2.0"]),
+])
+def test_overlay_configs_set_their_option(overlay, expected, capsys):
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", str(root / "configs/tiny/grpo.yaml"),
+                  "--config", str(root / f"configs/tiny/{overlay}.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    for line in expected:
+        assert line in out, (overlay, line)

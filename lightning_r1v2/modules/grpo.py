@@ -63,7 +63,9 @@ class GRPOModule(PolicyModule):
             ``sequence_mask``. The trainer's log-probs of the batch are computed before the update
             (one extra no-grad forward) and are the PPO ratio's denominator; the engine's recorded
             ones give the weight w = pi_trainer / pi_engine, truncated at (or masked above)
-            ``rollout_correction_cap`` (``losses/correction.py``). TRL turns it on by default
+            ``rollout_correction_cap`` (``losses/correction.py``). Rows replayed by the sample buffer
+            keep the log-probs of the step that sampled them, so their weight also holds their
+            staleness (truncated alike). TRL turns it on by default
             (``sequence_mask``, cap 3); verl has it off by default (``rollout_is``, threshold 2).
         rollout_correction_cap: The cap C of the weight.
         rollout_correction_cap_low: Mask modes: also drop weights below this (None: no lower edge).
