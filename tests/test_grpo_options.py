@@ -101,7 +101,7 @@ def test_dynamic_sampling_gives_the_loss_no_zero_variance_group(tiny_data, tmp_p
     G, B, steps = 2, 4, 3  # G = 2: half of the groups have equal rewards under the parity reward
     m = GRPOModule(engine=HFGenerateEngine(max_new_tokens=8, temperature=1.3), group_size=G, lr=1e-3,
                    aggregation="token", clip_eps_high=0.28)
-    ds, spy = DynamicSampling(max_extra_prompts=32, round_prompts=4, seed=0), _LossBatchSpy()
+    ds, spy = DynamicSampling(max_extra_prompts=32, seed=0), _LossBatchSpy()  # rounds: the missing groups
     stats = []
 
     class _Stats(RolloutHooks):
@@ -119,6 +119,10 @@ def test_dynamic_sampling_gives_the_loss_no_zero_variance_group(tiny_data, tmp_p
     assert sum(s["dynamic_sampling/zero_std_share_before"] for s in stats) > 0
     extra = [s["dynamic_sampling/extra_rollouts"] for s in stats]
     assert sum(extra) > 0 and all(e % G == 0 for e in extra)
+    for s in stats:  # a step short of m groups samples at least m prompts; a full one samples none
+        missing = round(s["dynamic_sampling/zero_std_share_before"] * B)
+        assert s["dynamic_sampling/extra_rollouts"] >= missing * G
+        assert (s["dynamic_sampling/rounds"] == 0) == (missing == 0)
     assert stats[-1]["dynamic_sampling/extra_rollouts_total"] == sum(extra) == ds.extra_rollouts_total
     assert all(s["dynamic_sampling/zero_std_share_after"] == 0.0 for s in stats)
     metrics = trainer.logged_metrics

@@ -7,8 +7,8 @@ over-samples and keeps only groups with a reward spread (its eq. 11 constraint):
 
 sampling more prompts until the batch holds B such groups. This callback does that in
 ``on_advantages``, before the Selective Sample Buffer if both are listed (put it first): while the
-batch holds fewer than ``ceil(min_share * B)`` groups with spread, it draws ``round_prompts`` more
-prompts, has the module sample and score them (``GRPOModule.score_rollouts``), and keeps their
+batch holds fewer than ``ceil(min_share * B)`` groups with spread, it draws more prompts (as many as
+groups are missing, or ``round_prompts``), has the module sample and score them (``GRPOModule.score_rollouts``), and keeps their
 groups with spread; at most ``max_extra_prompts`` extra prompts (``x G`` extra rollouts) per step.
 The batch it returns has the step's B groups: those with spread first (this batch's, then the
 extra ones, in order), then, only when the cap stopped it short, zero-variance groups of the
@@ -76,7 +76,8 @@ class DynamicSampling(RolloutHooks):
         min_share: Share of the step's B groups that must have a spread before sampling stops
             (1.0: all of them, as DAPO).
         max_extra_prompts: Most extra prompts sampled per step (each costs ``group_size`` rollouts).
-        round_prompts: Prompts per extra round (0: the step's batch size B).
+        round_prompts: Prompts per extra round (0: as many as groups are still missing; DAPO and
+            verl sample a whole batch, B, each round).
         eps: A group's reward std at or below this counts as zero.
         seed: Seed of the extra-prompt stream (rank r uses seed + r).
     """
@@ -107,7 +108,7 @@ class DynamicSampling(RolloutHooks):
         next_id = int(rollouts.group_ids.max()) + 1 if len(rollouts) else 0
         extra = rounds = 0
         while extra < self.max_extra_prompts and self._any_rank(len(keep) < need, pl_module.device):
-            k = min(self.round_prompts or B, self.max_extra_prompts - extra)
+            k = min(self.round_prompts or max(need - len(keep), 1), self.max_extra_prompts - extra)
             more = self._sample(trainer, pl_module, k, G)
             more.group_ids = more.group_ids + next_id
             next_id = int(more.group_ids.max()) + 1
