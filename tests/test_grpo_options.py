@@ -187,3 +187,18 @@ def test_overlay_configs_set_their_option(overlay, expected, capsys):
     out = capsys.readouterr().out
     for line in expected:
         assert line in out, (overlay, line)
+
+
+def test_dynamic_sampling_then_the_buffer_on_one_run(tiny_data, tmp_path):
+    # both listed, DynamicSampling first: the buffer receives full batches with spread in every group
+    # (nothing to replace), and still stores their effective rows
+    from lightning_r1v2.callbacks import SelectiveSampleBuffer
+
+    torch.manual_seed(0)
+    m = GRPOModule(engine=HFGenerateEngine(max_new_tokens=8, temperature=1.3), group_size=2, lr=1e-3)
+    ds, ssb, spy = DynamicSampling(max_extra_prompts=32), SelectiveSampleBuffer(capacity=64), _LossBatchSpy()
+    _fit(m, tiny_data, tmp_path, [ds, ssb, spy], steps=2, batch_size=4)
+    assert len(spy.batches) == 2 and all(len(r) == 8 for r in spy.batches)
+    assert ssb.last_stats["ssb/effective_share_before"] == 1.0 and ssb.last_stats["ssb/replayed_share"] == 0.0
+    assert len(ssb) == 16  # 2 steps x 8 effective rows
+    assert ds.extra_rollouts_total > 0
