@@ -59,7 +59,7 @@ def groups_with_spread(reward: torch.Tensor, group_ids: torch.Tensor, dropped: t
     ids, spread, rows = [], [], []
     gids = group_ids.detach().cpu()
     r = reward.detach().float().cpu()
-    drop = dropped.detach().cpu().bool() if dropped is not None else torch.zeros(len(gids), dtype=torch.bool)
+    drop = dropped.detach().cpu().bool() if dropped is not None else torch.zeros(len(gids), dtype=torch.bool)  # on CPU: group bookkeeping
     for g in dict.fromkeys(gids.tolist()):  # first-appearance order
         idx = (gids == g).nonzero().flatten()
         ids.append(g)
@@ -159,7 +159,7 @@ class DynamicSampling(RolloutHooks):
             if self._pos >= n:
                 self._pass, self._pos = self._pass + 1, 0
             g = torch.Generator().manual_seed(self.seed + rank + 7919 * self._pass)
-            order = torch.randperm(n, generator=g).tolist()
+            order = torch.randperm(n, generator=g).tolist()  # on CPU: record indices
             take = order[self._pos: self._pos + k - len(out)]
             out += [records[i] for i in take]
             self._pos += len(take)
