@@ -202,3 +202,32 @@ def test_dynamic_sampling_then_the_buffer_on_one_run(tiny_data, tmp_path):
     assert ssb.last_stats["ssb/effective_share_before"] == 1.0 and ssb.last_stats["ssb/replayed_share"] == 0.0
     assert len(ssb) == 16  # 2 steps x 8 effective rows
     assert ds.extra_rollouts_total > 0
+
+
+def test_critical_token_entropy_is_logged_every_step_from_the_steps_own_tokens(tiny_data, tmp_path):
+    """R1V3's signal on the step's own samples: the mean entropy where the sampled token is a critical
+    one ("Wait", "But", "Let", ...), recomputed here from the rollouts (lr 0: the policy is unchanged)."""
+    from lightning_r1v2.callbacks.entropy import CRITICAL_TOKENS, critical_token_ids
+
+
+    L.seed_everything(0)
+    m = GRPOModule(group_size=4, lr=0.0, engine=HFGenerateEngine(max_new_tokens=16), table_every_n_steps=0)
+    crit, _ = critical_token_ids(m.tokenizer, list(CRITICAL_TOKENS))
+    with torch.no_grad():  # make critical tokens likely, so the random policy samples some
+        for t in crit:
+            m.model.lm_head.weight[t] *= 3.0
+    dm = R1V2DataModule(train_file=str(tiny_data / "train.jsonl"), val_file=None, kind="prompts", batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                        callbacks=[RewardCallback(lambda completions, **k: [float(len(c) % 3) for c in completions],
+                                                  name="spread")], default_root_dir=tmp_path)
+    trainer.fit(m, dm)
+    r = m.last_rollouts
+    m.model.eval()
+    with torch.no_grad():
+        _, ent = m.sequence_logprobs(m.model, r, with_entropy=True)
+    at = torch.isin(r.completion_ids, torch.tensor(sorted(crit))) & r.completion_mask.bool()
+    assert at.sum() > 0
+    got = trainer.callback_metrics
+    assert float(got["entropy/critical_step_count"]) == int(at.sum())
+    assert float(got["entropy/critical_step_mean"]) == pytest.approx(float(ent[at].mean()), abs=1e-4)

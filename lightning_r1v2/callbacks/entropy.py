@@ -71,6 +71,9 @@ def critical_entropy(
     return float(value), count
 
 
+CRITICAL_TOKENS = ("Wait", "But", "Alternatively", "Hmm", "However", "Let")  # where a chain of thought turns
+
+
 def critical_token_ids(tokenizer, tokens: list[str], include_think_end: bool = True) -> tuple[set[int], list[str]]:
     """Token ids that mark a critical position, and the entries of ``tokens`` that matched none.
 
@@ -116,7 +119,7 @@ class CriticalTokenEntropy(Callback):
         self,
         data_file: str = "data/tiny/val.jsonl",
         num_prompts: int = 32,
-        tokens: list[str] = ("Wait", "But", "Alternatively", "Hmm", "However", "Let"),
+        tokens: list[str] = CRITICAL_TOKENS,
         include_think_end: bool = True,
         high_entropy_threshold: float = 6.8,
         every_n_steps: int = 50,

@@ -263,6 +263,8 @@ class GRPOModule(PolicyModule):
         count = 0
         single_pass = hp.updates_per_batch == 1 and mb >= n
         weights_all, batch_stats = None, {}
+        crit_sum, crit_n = 0.0, 0  # R1V3's critical-token entropy, on this step's own tokens (first pass)
+        critical = self._critical_ids(rollouts.completion_ids.device)
         if hp.rollout_correction is not None:  # the engine's log-probs weigh the loss; the trainer's are pi_old
             if rollouts.old_logprobs is None:
                 raise ValueError(f"rollout_correction={hp.rollout_correction!r} needs the log-probs the engine recorded "
@@ -274,7 +276,7 @@ class GRPOModule(PolicyModule):
             rollouts = replace(rollouts, old_logprobs=trainer_old)
         elif rollouts.old_logprobs is None and not single_pass:
             rollouts.old_logprobs = self._policy_logprobs(rollouts, micro)
-        for _ in range(hp.updates_per_batch):
+        for pass_i in range(hp.updates_per_batch):
             for start in range(0, n, mb):
                 rows_of_step = list(range(start, min(start + mb, n)))
                 chunks = [rows_of_step[i:i + micro] for i in range(0, len(rows_of_step), micro)]
@@ -301,6 +303,9 @@ class GRPOModule(PolicyModule):
                     )
                     self.manual_backward(loss * w)  # w = 1 for a single micro-batch (0 if it has no tokens)
                     stats["entropy"] = masked_mean(ent, mask)
+                    if pass_i == 0 and critical.numel():
+                        at = torch.isin(rows.completion_ids, critical) & (mask > 0)  # [n, C]
+                        crit_sum, crit_n = crit_sum + float(ent[at].sum()), crit_n + int(at.sum())
                     if hp.entropy_quantile < 1.0:
                         stats["entropy/quantile_threshold"] = tau if torch.isfinite(tau) else torch.zeros_like(tau)
                     for k, v in stats.items():  # stats weighted like the loss; all 0 where w is 0
@@ -315,7 +320,19 @@ class GRPOModule(PolicyModule):
                 count += 1
         out = {k: v / count for k, v in totals.items()}
         out.update({k: float(v) for k, v in batch_stats.items()})
+        out["entropy/critical_step_count"] = float(crit_n)
+        if crit_n:  # no critical token sampled: no value (never a made-up 0)
+            out["entropy/critical_step_mean"] = crit_sum / crit_n
         return out
+
+    def _critical_ids(self, device) -> torch.Tensor:
+        """Ids of R1V3's critical reasoning tokens ("Wait", "But", ..., ``</think>``) for this tokenizer."""
+        if getattr(self, "_critical", None) is None:
+            from ..callbacks.entropy import CRITICAL_TOKENS, critical_token_ids
+
+            ids, _ = critical_token_ids(self.tokenizer, list(CRITICAL_TOKENS))
+            self._critical = torch.tensor(sorted(ids), dtype=torch.long)  # on CPU: moved to the batch's device below
+        return self._critical.to(device)
 
     @torch.no_grad()
     def _policy_logprobs(self, rollouts: Rollouts, micro: int):
