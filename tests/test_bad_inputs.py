@@ -119,15 +119,17 @@ def test_a_nan_reward_is_a_counted_fault_scored_zero(caplog):
     assert col.tolist() == [1.0, 0.0, 1.0, 1.0]  # the NaN row scores 0, it does not poison the batch
     assert cb.faults_total == 1 and cb.last_stats["rewards/nan_on_second_row/faults"] == 1.0
     assert "reward 'nan_on_second_row' on sample id=p0: returned nan" in caplog.text
-    assert torch.isfinite(combine_rewards(r.rewards, mode="sum")).all()
+    assert torch.isfinite(combine_rewards({"nan_on_second_row": col}, mode="sum")).all()
 
 
 def test_a_nan_reward_can_drop_its_group_from_the_loss():
     from lightning_r1v2.rewards import RewardCallback
 
+    from lightning_r1v2.rewards.combine import score_columns
+
     cb = RewardCallback(nan_on_second_row, on_error="drop_group", max_failure_share=0.5)
     r = _rollouts(["a", "b", "c", "d"])
-    cb.score(r)
+    score_columns(r, [cb])
     assert r.dropped.tolist() == [True, True, False, False]  # row 1's whole group leaves the loss
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_r1v2.rewards import RewardCallback, accuracy_reward, combine_rewards, format_reward
+from lightning_r1v2.rewards.combine import score_columns
 from lightning_r1v2.rollout.types import Rollouts
 
 LOGGER = "lightning_r1v2.rewards"
@@ -86,13 +87,15 @@ def test_accuracy_and_format_columns():
     a, f = acc.score(ro), fmt.score(ro)
     assert a.dtype == torch.float32 and a.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert f.tolist() == [1.0, 1.0, 1.0, 0.0]
-    assert set(ro.rewards) == {"accuracy_reward", "format_reward"}
+    assert ro.rewards == {}  # score returns its column and changes nothing (the module stores it)
+    score_columns(ro, [acc, fmt])
+    assert set(ro.rewards) == {"accuracy_reward", "format_reward"} and torch.equal(ro.rewards["accuracy_reward"], a)
     assert acc.last_stats == {
         "rewards/accuracy_reward/mean": 0.5,
         "rewards/accuracy_reward/std": 0.5,  # population std of [1, 0, 1, 0]
         "rewards/accuracy_reward/faults": 0.0,
     }
-    assert acc.calls_total == 4 and acc.faults_total == 0
+    assert acc.calls_total == 8 and acc.faults_total == 0  # two calls of 4 rows (score, then score_columns)
 
 
 def test_none_is_nan_not_a_fault():
@@ -124,8 +127,10 @@ def test_nan_is_a_fault_and_drop_group_marks_the_whole_group():
     comps = ["a", "NAN", "c", "d", "e", "f", "g", "h", "i", "j"]
     ro = make_rollouts(comps, [{"id": i} for i in range(10)], group_size=2)
     cb = RewardCallback(nan_on_marker, on_error="drop_group", max_failure_share=0.5)
-    col = cb.score(ro)
+    score_columns(ro, [cb])
+    col = ro.rewards[cb.name]
     assert col[1] == 0.0 and not col.isnan().any()
+    assert cb.last_dropped.tolist() == [True, True] + [False] * 8  # score returns; the module applies it
     assert ro.dropped.tolist() == [True, True] + [False] * 8
     assert cb.faults_total == 1
 
@@ -133,7 +138,7 @@ def test_nan_is_a_fault_and_drop_group_marks_the_whole_group():
 def test_drop_group_keeps_earlier_drops():
     ro = make_rollouts(["a", "b", "NAN", "d"], RECORDS)
     ro.dropped = torch.tensor([True, False, False, False])
-    RewardCallback(nan_on_marker, on_error="drop_group", max_failure_share=1.0).score(ro)
+    score_columns(ro, [RewardCallback(nan_on_marker, on_error="drop_group", max_failure_share=1.0)])
     assert ro.dropped.tolist() == [True, False, True, True]
 
 

@@ -17,7 +17,9 @@ Besides the hooks, callbacks meet the module and each other only through these n
 - ``last_stats: dict[str, float]`` -- metrics of the callback's last step; the module logs the
   union of every callback's (``step_stats(trainer)``) with its own.
 - A *reward callback* is one with ``score``, ``name``, ``weight`` (and optionally ``group``, for
-  the ``gate`` mode): ``reward_callbacks(trainer)`` lists them in config order.
+  the ``gate`` mode, and ``last_dropped``: ``[N]`` bool rows to leave out of the loss after its
+  last ``score``): ``reward_callbacks(trainer)`` lists them in config order; ``score`` returns
+  its column and changes nothing else.
   ``RewardCallback`` (``rewards/callback.py``) wraps a plain reward function this way.
 - Another callback changes a reward's weight only through ``set_reward_weight(trainer, name, w)``.
 

@@ -71,11 +71,12 @@ class RewardCallback(Callback):
     a value that is not finite in float32 (the loss dtype: ``1e39`` is a fault), a non-number
     (a string too), a :class:`RewardFault`, or a return value that is not a list, tuple or
     tensor (a dict, a string) is a fault: the row gets 0.0 and, with ``on_error="drop_group"``,
-    every row of its group is marked in ``rollouts.dropped``. A call running past ``timeout_s``
+    every row of its group is marked in ``last_dropped`` (``[N]`` bool), which ``score_columns`` ORs
+    into ``rollouts.dropped``. A call running past ``timeout_s``
     is a fault on every row of that call (the thread is abandoned; it cannot be killed). ``fn``
     gets deep copies of the record columns, so it cannot change the dataset. ``SystemExit`` or
     ``KeyboardInterrupt`` raised inside ``fn`` raise :class:`RewardAborted`. Returns a float32
-    ``[N]`` tensor, also stored as ``rollouts.rewards[name]``.
+    ``[N]`` tensor (the module stores it as ``rollouts.rewards[name]``).
 
     Args:
         fn: the reward function, or its dotted import path (``lightning_r1v2.rewards.format_reward``).
@@ -142,6 +143,7 @@ class RewardCallback(Callback):
         completions = list(rollouts.completions)
         n = len(completions)
         columns = rollouts.columns()
+        self.last_dropped = None
         raw = self._call(completions, columns)
         values = [math.nan] * n
         faults: dict[int, str] = {}
@@ -168,10 +170,8 @@ class RewardCallback(Callback):
         if faults:
             bad = torch.tensor(sorted(faults), dtype=torch.long, device=device)
             column[bad] = 0.0
-            if self.on_error == "drop_group":
-                if rollouts.dropped is None:
-                    rollouts.dropped = torch.zeros(n, dtype=torch.bool, device=device)
-                rollouts.dropped = rollouts.dropped | torch.isin(rollouts.group_ids, rollouts.group_ids[bad])
+            if self.on_error == "drop_group":  # the module applies it (rewards.combine.score_columns)
+                self.last_dropped = torch.isin(rollouts.group_ids, rollouts.group_ids[bad])  # [N]
             for i, msg in faults.items():
                 self._log_once(msg, self._sample_id(rollouts, i))
         self.calls_total += n
@@ -182,7 +182,6 @@ class RewardCallback(Callback):
             f"rewards/{self.name}/std": applicable.std(unbiased=False).item() if applicable.numel() else math.nan,
             f"rewards/{self.name}/faults": float(len(faults)),
         }
-        rollouts.rewards[self.name] = column
         share = len(faults) / max(n, 1)
         if share > self.max_failure_share:
             i, msg = next(iter(faults.items()))

@@ -66,9 +66,14 @@ def combine_rewards(
 
 
 def score_columns(rollouts, callbacks: list) -> None:
-    """Each reward callback's column into ``rollouts.rewards[name]``, in order."""
+    """Each reward callback's column into ``rollouts.rewards[name]``, in order; rows a callback asks
+    to drop (its ``last_dropped``, ``[N]`` bool, e.g. the groups of faulty rows) leave the loss."""
     for cb in callbacks:
         rollouts.rewards[cb.name] = cb.score(rollouts)
+        drop = getattr(cb, "last_dropped", None)
+        if drop is not None:
+            drop = drop.to(rollouts.group_ids.device)
+            rollouts.dropped = drop if rollouts.dropped is None else rollouts.dropped | drop
 
 
 def combine_columns(rollouts, callbacks: list, mode: str = "weighted") -> torch.Tensor:
