@@ -39,6 +39,8 @@ def _recording(base):
 
         def on_train_end(self, trainer, pl_module):
             self.final = _bar_state(self)
+            if not isinstance(self, TQDMProgressBar):
+                self.description = self.train_progress_bar.description
             super().on_train_end(trainer, pl_module)
 
     return Recording()
@@ -64,6 +66,8 @@ def test_bar_total_is_rollout_batches(tiny_data, base):
     assert trainer.global_step == 4 and trainer.num_training_batches > 4
     assert bar.totals == [2, 2]
     assert bar.final == (2, 2)
+    if base is RichProgressBar:  # a max_steps run has max_epochs -1: Lightning's own text is "Epoch 0/-2"
+        assert bar.description.strip() == "Epoch 0"
 
 
 @pytest.mark.parametrize("base", [TQDMProgressBar, RichProgressBar])

@@ -42,7 +42,10 @@ class RolloutBatchProgress(Callback):
                 bar.train_progress_bar.refresh()  # a no-op on a disabled bar
         elif isinstance(bar, RichProgressBar):
             if bar.progress is not None and bar.train_progress_bar_id is not None:  # None: disabled, or not shown yet
-                bar.progress.update(bar.train_progress_bar_id, total=total)
+                kw = {}
+                if trainer.max_epochs is not None and trainer.max_epochs < 0:  # a max_steps run: Lightning writes "Epoch 2/-2"
+                    kw["description"] = f"Epoch {trainer.current_epoch}"
+                bar.progress.update(bar.train_progress_bar_id, total=total, **kw)
                 bar.refresh()
         else:
             log.debug("%s counts optimizer steps, not rollout batches: its total is left as it is", type(bar).__name__)
