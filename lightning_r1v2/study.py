@@ -61,7 +61,7 @@ class Scale:
 
 
 SCALES = {
-    "quick": Scale(train=64, val=16, sft_steps=6, sft_batch=8, pairs_questions=8, pairs_samples=4, mpo_steps=2,
+    "quick": Scale(train=64, val=16, sft_steps=40, sft_batch=8, pairs_questions=8, pairs_samples=4, mpo_steps=2,
                    prefilter_prompts=8, prefilter_k=4, grpo_batches=2, grpo_prompts=2, grpo_val_every=1),
     "small": Scale(train=2000, val=300, sft_steps=300, sft_batch=32, pairs_questions=600, pairs_samples=8, mpo_steps=0,
                    prefilter_prompts=600, prefilter_k=8, grpo_batches=40, grpo_prompts=16, grpo_val_every=10),
@@ -264,12 +264,12 @@ class Chain:
                                        "--data.init_args.batch_size", str(sc.grpo_prompts),
                                        "--trainer.max_steps", str(sc.grpo_batches * updates),
                                        "--trainer.val_check_interval", str(every)])
-            per_step = sc.grpo_prompts * G / updates  # rollouts per optimizer step
             metrics = sorted((d / "grpo" / "logs").rglob("metrics.csv"))
             series = read_metrics(metrics[-1]) if metrics else {}
             extra = series.get("dynamic_sampling/extra_rollouts_total", [])
             extra_total = int(extra[-1][1]) if extra else 0
-            curve = [[int(step * per_step), acc] for step, acc in series.get("val/accuracy", [])]
+            # Lightning logs a validation run after rollout batch k at step k - 1 (batches stepped so far)
+            curve = [[(step + 1) * sc.grpo_prompts * G, acc] for step, acc in series.get("val/accuracy", [])]
             return {"ckpt": str(d / "grpo" / "checkpoints" / "last.ckpt"), "seconds": secs,
                     "rollouts": sc.grpo_batches * sc.grpo_prompts * G + extra_total, "extra_rollouts": extra_total,
                     "curve": curve, **effective_shares(d / "grpo" / "logs")}

@@ -1,0 +1,143 @@
+"""The study: its table from the cells' JSON, resume, the two-step question type, and (slow) a real
+``--quick`` run through cli.py."""
+import csv
+import json
+import math
+import statistics
+
+import pytest
+
+from lightning_r1v2 import study as S
+from lightning_r1v2.data.synthetic import make_data
+from lightning_r1v2.rewards import accuracy_reward, format_reward, grounding_reward
+
+
+def _cell(task, variant, seed, acc, fmt=1.0, hall=0.02, seconds=10.0, rollouts=0):
+    return {"task": task, "variant": variant, "seed": seed, "accuracy": acc, "accuracy_letter_only": acc,
+            "format": fmt, "hallucination": hall, "accuracy_by_type": {}, "seconds": seconds,
+            "rollouts": rollouts, "curve": [[0, acc / 2], [rollouts, acc]], "stages": []}
+
+
+def _write(out, cell):
+    p = S.cell_path(out, cell["task"], cell["variant"], cell["seed"])
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(cell))
+
+
+def test_table_means_and_stds_from_cells(tmp_path):
+    accs = [0.70, 0.74, 0.81]
+    for seed, acc in enumerate(accs):
+        _write(tmp_path, _cell("easy", "grpo", seed, acc, seconds=100 + seed, rollouts=5120))
+    # two seeds; one answered without a count claim anywhere: its hallucination rate is NaN
+    _write(tmp_path, _cell("easy", "sft", 0, 0.60, hall=float("nan"), seconds=50))
+    _write(tmp_path, _cell("easy", "sft", 1, 0.66, hall=0.04, seconds=54))
+    _write(tmp_path, _cell("twostep", "sft", 0, 0.40))
+
+    rows = S.summarise(tmp_path)
+    assert [(r["task"], r["variant"], r["seeds"]) for r in rows] == [
+        ("easy", "sft", 2), ("easy", "grpo", 3), ("twostep", "sft", 1)]  # VARIANTS' order, then TASKS'
+    grpo = rows[1]
+    # mean 0.75; deviations -0.05, -0.01, 0.06; squares sum 0.0062; / (3 - 1) = 0.0031; sqrt = 0.0556776
+    assert grpo["accuracy_mean"] == pytest.approx(0.75, abs=1e-12)
+    assert grpo["accuracy_std"] == pytest.approx(math.sqrt(0.0031), abs=1e-12)
+    assert grpo["accuracy_std"] == pytest.approx(statistics.stdev(accs), abs=1e-12)
+    assert grpo["seconds_mean"] == pytest.approx(101.0) and grpo["rollouts_mean"] == 5120
+    sft = rows[0]
+    assert sft["accuracy_mean"] == pytest.approx(0.63) and sft["accuracy_std"] == pytest.approx(statistics.stdev([0.6, 0.66]))
+    assert sft["hallucination_mean"] == pytest.approx(0.04) and sft["hallucination_std"] is None  # NaN left out
+    assert rows[2]["accuracy_std"] is None  # one seed: no spread
+
+    md = S.report(tmp_path)
+    lines = md.splitlines()
+    assert lines[0].split("|")[1:-1] == [" task ", " variant ", " seeds ", " held-out accuracy ", " format rate ",
+                                         " hallucination rate ", " time (s) ", " rollouts "]
+    assert "| easy | grpo | 3 | 75.0% ± 5.6 | 100.0% ± 0.0 | 2.0% ± 0.0 | 101 | 5120 |" in lines
+    assert "| twostep | sft | 1 | 40.0% | 100.0% | 2.0% | 10 | 0 |" in lines
+    assert (tmp_path / "table.md").read_text().strip() == md
+    with open(tmp_path / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == S.COLUMNS and len(table) == 3
+    assert float(table[1]["accuracy_std"]) == pytest.approx(statistics.stdev(accs))
+    assert table[0]["hallucination_std"] == ""
+    assert (tmp_path / "accuracy_vs_rollouts.png").stat().st_size > 10_000
+
+
+def test_rerun_skips_finished_cells_and_retries_failed_ones(tmp_path, monkeypatch):
+    def fake_cli(title, args, log):  # only make-data reaches run_cli outside a Chain
+        assert args[0] == "make-data"
+        make_data(args[args.index("--out") + 1], train=8, val=4, seed=0)
+        return 0.0
+
+    calls, failed_once = [], []
+
+    def fake_cell(chain, variant):
+        calls.append((chain.task, variant, chain.seed))
+        if (variant, chain.seed) == ("sft-grpo", 1) and not failed_once:
+            failed_once.append(True)
+            raise SystemExit("GRPO failed")  # the first time only
+        return _cell(chain.task, variant, chain.seed, 0.5 + 0.1 * chain.seed, rollouts=32 * (variant == "sft-grpo"))
+
+    monkeypatch.setattr(S, "run_cli", fake_cli)
+    monkeypatch.setattr(S.Chain, "cell", fake_cell)
+    rows = S.study(out=str(tmp_path), quick=True)
+    assert calls == [("easy", v, s) for s in (0, 1) for v in ("sft", "sft-grpo")]
+    assert not S.cell_path(tmp_path, "easy", "sft-grpo", 1).exists()
+    assert [(r["variant"], r["seeds"]) for r in rows] == [("sft", 2), ("sft-grpo", 1)]
+
+    calls.clear()
+    rows = S.study(out=str(tmp_path), quick=True)
+    assert calls == [("easy", "sft-grpo", 1)]  # only the failed cell runs again
+    assert [(r["variant"], r["seeds"]) for r in rows] == [("sft", 2), ("sft-grpo", 2)]
+    assert rows[1]["accuracy_mean"] == pytest.approx(0.55)
+
+    calls.clear()
+    S.study(out=str(tmp_path), quick=True)
+    assert calls == []
+
+
+def test_diff_questions_need_two_counts_and_score_like_the_others(tmp_path):
+    make_data(str(tmp_path), train=60, val=0, seed=2, difficulty="medium", questions=["diff"])
+    recs = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert {r["type"] for r in recs} == {"diff"}
+    for r in recs:
+        words = r["question"].split()  # How many more A than B shapes are there?
+        a, b = words[3], words[5]
+        counts = r["annotations"]["counts"]
+        assert int(r["answer"]) == counts[a] - counts[b] > 0
+    assert len({r["answer"] for r in recs}) > 1
+    responses = [r["response"] for r in recs]
+    cols = {"answer": [r["answer"] for r in recs], "annotations": [r["annotations"] for r in recs]}
+    assert accuracy_reward(responses, **cols) == [1.0] * len(recs)
+    assert format_reward(responses) == [1.0] * len(recs)
+    assert grounding_reward(responses, **cols) == [1.0] * len(recs)
+    wrong = [resp.replace("\\boxed{" + r["answer"] + "}", "\\boxed{" + str(int(r["answer"]) + 1) + "}")
+             for resp, r in zip(responses, recs)]
+    assert accuracy_reward(wrong, **cols) == [0.0] * len(recs)
+
+
+@pytest.mark.slow
+def test_quick_study_through_the_cli(tmp_path, capsys):
+    """2 seeds x (SFT, SFT -> GRPO) at the quick scale, each stage a `cli.py` process; then a rerun."""
+    rows = S.study(out=str(tmp_path), quick=True)
+    assert [(r["task"], r["variant"], r["seeds"]) for r in rows] == [("easy", "sft", 2), ("easy", "sft-grpo", 2)]
+    cells = {(v, s): json.loads(S.cell_path(tmp_path, "easy", v, s).read_text())
+             for v in ("sft", "sft-grpo") for s in (0, 1)}
+    sc = S.SCALES["quick"]
+    for s in (0, 1):
+        rl = cells[("sft-grpo", s)]
+        assert rl["rollouts"] == sc.grpo_batches * sc.grpo_prompts * 8  # group_size 8
+        assert [st["name"] for st in rl["stages"]] == ["sft", "sft-grpo"]
+        assert rl["curve"][0] == [0, cells[("sft", s)]["accuracy"]] and rl["curve"][-1][0] == rl["rollouts"]
+        assert (tmp_path / "runs" / "easy" / f"seed{s}" / "sft-grpo" / "grpo" / "checkpoints" / "last.ckpt").exists()
+    accs = [cells[("sft-grpo", s)]["accuracy"] for s in (0, 1)]
+    assert rows[1]["accuracy_mean"] == pytest.approx(sum(accs) / 2)
+    assert rows[1]["accuracy_std"] == pytest.approx(statistics.stdev(accs))
+    with open(tmp_path / "table.csv") as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == ["sft", "sft-grpo"]
+    stamps = {k: S.cell_path(tmp_path, "easy", *k).stat().st_mtime_ns for k in cells}
+
+    capsys.readouterr()
+    S.study(out=str(tmp_path), quick=True)
+    printed = capsys.readouterr().out
+    assert "$ python cli.py" not in printed and printed.count("done before, skipped") == 4
+    assert stamps == {k: S.cell_path(tmp_path, "easy", *k).stat().st_mtime_ns for k in cells}
