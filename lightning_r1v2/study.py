@@ -53,6 +53,7 @@ class Scale:
     pairs_questions: int  # build-pairs questions (0: every training record)
     pairs_samples: int
     mpo_steps: int  # 0: one epoch over the pairs (the config's)
+    mpo_batch: int  # pairs per MPO step
     prefilter_prompts: int  # 0: every training record
     prefilter_k: int
     grpo_batches: int  # rollout batches (2 optimizer steps each, as configs/tiny/grpo.yaml)
@@ -61,11 +62,12 @@ class Scale:
 
 
 SCALES = {
-    "quick": Scale(train=64, val=16, sft_steps=40, sft_batch=8, pairs_questions=8, pairs_samples=4, mpo_steps=2,
+    "quick": Scale(train=64, val=16, sft_steps=40, sft_batch=8, pairs_questions=8, pairs_samples=4, mpo_steps=2, mpo_batch=2,
                    prefilter_prompts=8, prefilter_k=4, grpo_batches=2, grpo_prompts=2, grpo_val_every=1),
-    "small": Scale(train=2000, val=300, sft_steps=300, sft_batch=32, pairs_questions=600, pairs_samples=8, mpo_steps=0,
-                   prefilter_prompts=600, prefilter_k=8, grpo_batches=40, grpo_prompts=16, grpo_val_every=10),
-    "full": Scale(train=4000, val=500, sft_steps=500, sft_batch=32, pairs_questions=0, pairs_samples=8, mpo_steps=0,
+    # what fits a shared 2-core machine: half the demo's GRPO prompts per batch, a quarter of its batches
+    "small": Scale(train=2000, val=300, sft_steps=200, sft_batch=32, pairs_questions=400, pairs_samples=8, mpo_steps=0,
+                   mpo_batch=16, prefilter_prompts=400, prefilter_k=8, grpo_batches=40, grpo_prompts=16, grpo_val_every=10),
+    "full": Scale(train=4000, val=500, sft_steps=500, sft_batch=32, pairs_questions=0, pairs_samples=8, mpo_steps=0, mpo_batch=16,
                   prefilter_prompts=0, prefilter_k=8, grpo_batches=150, grpo_prompts=32, grpo_val_every=50),
 }
 
@@ -133,6 +135,9 @@ class Chain:
             return json.loads(done.read_text())
         d.mkdir(parents=True, exist_ok=True)
         res = {"name": name, **fn(d)}
+        if "ckpt" in res and not Path(res["ckpt"]).exists():
+            raise SystemExit(f"{self.task}/seed{self.seed} {name}: finished without writing {res['ckpt']} "
+                             f"(log: {d / (name + '.log')})")
         _write_json(done, res)
         return res
 
@@ -220,6 +225,7 @@ class Chain:
             secs = self._cli(name, d, ["fit", "--config", cfg, "--seed_everything", str(self.seed),
                                        "--model.init_args.init_ckpt", sft["ckpt"],
                                        "--data.init_args.train_file", pairs["file"],
+                                       "--data.init_args.batch_size", str(self.sc.mpo_batch),
                                        "--trainer.limit_val_batches", "0", *steps])
             return {"ckpt": str(d / "mpo" / "checkpoints" / "last.ckpt"), "seconds": secs, "rollouts": 0}
         return self._stage(name, run)
@@ -348,8 +354,8 @@ def run_chain(out: str, data: str, task: str, seed: int, scale: dict, variants: 
             continue
         try:
             cell = chain.cell(v)
-        except SystemExit as e:  # run_cli's failure, with the log's tail
-            print(f"study: {task}/{v}/seed{seed} failed: {e}", flush=True)
+        except (SystemExit, Exception) as e:  # run_cli's SystemExit carries the log's tail
+            print(f"study: {task}/{v}/seed{seed} failed: {type(e).__name__}: {e}", flush=True)
             failed.append(f"{task}/{v}/seed{seed}")
             continue
         _write_json(path, cell)
