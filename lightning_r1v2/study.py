@@ -507,8 +507,8 @@ def study(
         variants: Variants, in the table's order (default: all of ``VARIANTS``; ``grpo-dynamic`` only
             where ``lightning_r1v2.callbacks.DynamicSampling`` exists).
         seeds: Training seeds (default ``[0, 1, 2]``).
-        workers: (task, seed) chains run at once, each in its own process (default 1: on 2 cores
-            a chain's stages already use both).
+        workers: (task, seed) chains run at once, each in its own process (default 1). Every
+            stage runs with ``OMP_NUM_THREADS=1`` unless it is set, so N workers keep N cores busy.
         quick: ``--scale quick``, the ``easy`` task, variants ``sft`` and ``sft-grpo``, seeds 0 and 1
             (each still overridable).
     """
@@ -557,6 +557,9 @@ def study(
 
 
 if __name__ == "__main__":
+    import sys
+
     from jsonargparse import CLI
 
-    CLI(study, as_positional=False)
+    # a bare --quick means --quick true
+    CLI(study, args=["--quick=true" if a == "--quick" else a for a in sys.argv[1:]], as_positional=False)
