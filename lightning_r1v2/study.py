@@ -378,9 +378,16 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
 
 
-METRICS = ("accuracy", "format", "hallucination")
+METRICS = ("accuracy", "format", "hallucination", "effective_share")
 COLUMNS = ["task", "variant", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
            "seconds_mean", "rollouts_mean", "description"]
+
+
+def _effective_share(cell: dict) -> float | None:
+    """Share of the rows the GRPO loss saw with a non-zero advantage, averaged over the run: after
+    the buffer where there is one, else the batch as sampled; None for a variant without GRPO."""
+    after = cell.get("effective_share")
+    return after if after is not None else cell.get("effective_share_before")
 
 
 def summarise(out: Path, tasks: list[str] | None = None, variants: list[str] | None = None) -> list[dict]:
@@ -388,6 +395,7 @@ def summarise(out: Path, tasks: list[str] | None = None, variants: list[str] | N
     cells: dict[tuple[str, str], list[dict]] = {}
     for p in sorted((Path(out) / "cells").glob("*/*/seed*.json")):
         c = json.loads(p.read_text())
+        c["effective_share"] = _effective_share(c)
         cells.setdefault((c["task"], c["variant"]), []).append(c)
     t_order = {t: i for i, t in enumerate(tasks or TASKS)}
     v_order = {v: i for i, v in enumerate(variants or VARIANTS)}
@@ -413,13 +421,14 @@ def _pm(mean, std) -> str:
 
 
 def markdown(rows: list[dict], baselines: dict[str, float] | None = None) -> str:
-    lines = ["| task | variant | seeds | held-out accuracy | format rate | hallucination rate | time (s) | rollouts |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | variant | seeds | held-out accuracy | format rate | hallucination rate | effective samples "
+             "| time (s) | rollouts |", "|---|---|---|---|---|---|---|---|---|"]
     for task, acc in (baselines or {}).items():
-        lines.append(f"| {task} | majority answer | - | {100 * acc:.1f}% | - | - | - | - |")
+        lines.append(f"| {task} | majority answer | - | {100 * acc:.1f}% | - | - | - | - | - |")
     for r in rows:
         lines.append(f"| {r['task']} | {r['variant']} | {r['seeds']} | {_pm(r['accuracy_mean'], r['accuracy_std'])} "
                      f"| {_pm(r['format_mean'], r['format_std'])} | {_pm(r['hallucination_mean'], r['hallucination_std'])} "
+                     f"| {_pm(r['effective_share_mean'], r['effective_share_std'])} "
                      f"| {r['seconds_mean']:.0f} | {r['rollouts_mean']:.0f} |")
     return "\n".join(lines)
 

@@ -27,15 +27,20 @@ def _write(out, cell):
 def test_table_means_and_stds_from_cells(tmp_path):
     accs = [0.70, 0.74, 0.81]
     for seed, acc in enumerate(accs):
-        _write(tmp_path, _cell("easy", "grpo", seed, acc, seconds=100 + seed, rollouts=5120))
+        cell = _cell("easy", "grpo", seed, acc, seconds=100 + seed, rollouts=5120)
+        cell.update(effective_share=1.0, effective_share_before=0.3 + 0.1 * seed)  # with the buffer: after it
+        _write(tmp_path, cell)
     # two seeds; one answered without a count claim anywhere: its hallucination rate is NaN
     _write(tmp_path, _cell("easy", "sft", 0, 0.60, hall=float("nan"), seconds=50))
     _write(tmp_path, _cell("easy", "sft", 1, 0.66, hall=0.04, seconds=54))
     _write(tmp_path, _cell("twostep", "sft", 0, 0.40))
+    nossb = _cell("twostep", "grpo-nossb", 0, 0.5)
+    nossb.update(effective_share=None, effective_share_before=0.35)  # no buffer: the batch as sampled
+    _write(tmp_path, nossb)
 
     rows = S.summarise(tmp_path)
     assert [(r["task"], r["variant"], r["seeds"]) for r in rows] == [
-        ("easy", "sft", 2), ("easy", "grpo", 3), ("twostep", "sft", 1)]  # VARIANTS' order, then TASKS'
+        ("easy", "sft", 2), ("easy", "grpo", 3), ("twostep", "sft", 1), ("twostep", "grpo-nossb", 1)]
     grpo = rows[1]
     # mean 0.75; deviations -0.05, -0.01, 0.06; squares sum 0.0062; / (3 - 1) = 0.0031; sqrt = 0.0556776
     assert grpo["accuracy_mean"] == pytest.approx(0.75, abs=1e-12)
@@ -46,17 +51,19 @@ def test_table_means_and_stds_from_cells(tmp_path):
     assert sft["accuracy_mean"] == pytest.approx(0.63) and sft["accuracy_std"] == pytest.approx(statistics.stdev([0.6, 0.66]))
     assert sft["hallucination_mean"] == pytest.approx(0.04) and sft["hallucination_std"] is None  # NaN left out
     assert rows[2]["accuracy_std"] is None  # one seed: no spread
+    assert rows[3]["effective_share_mean"] == pytest.approx(0.35) and rows[2]["effective_share_mean"] is None
 
     md = S.report(tmp_path)
     lines = md.splitlines()
     assert lines[0].split("|")[1:-1] == [" task ", " variant ", " seeds ", " held-out accuracy ", " format rate ",
-                                         " hallucination rate ", " time (s) ", " rollouts "]
-    assert "| easy | grpo | 3 | 75.0% ± 5.6 | 100.0% ± 0.0 | 2.0% ± 0.0 | 101 | 5120 |" in lines
-    assert "| twostep | sft | 1 | 40.0% | 100.0% | 2.0% | 10 | 0 |" in lines
+                                         " hallucination rate ", " effective samples ", " time (s) ",
+                                         " rollouts "]
+    assert "| easy | grpo | 3 | 75.0% ± 5.6 | 100.0% ± 0.0 | 2.0% ± 0.0 | 100.0% ± 0.0 | 101 | 5120 |" in lines
+    assert "| twostep | sft | 1 | 40.0% | 100.0% | 2.0% | - | 10 | 0 |" in lines
     assert (tmp_path / "table.md").read_text().strip() == md
     with open(tmp_path / "table.csv") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == S.COLUMNS and len(table) == 3
+    assert list(table[0]) == S.COLUMNS and len(table) == 4
     assert float(table[1]["accuracy_std"]) == pytest.approx(statistics.stdev(accs))
     assert table[0]["hallucination_std"] == ""
     assert (tmp_path / "accuracy_vs_rollouts.png").stat().st_size > 10_000
