@@ -28,6 +28,7 @@ import csv
 import json
 import math
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,7 +135,9 @@ class Chain:
         if done.exists():
             return json.loads(done.read_text())
         d.mkdir(parents=True, exist_ok=True)
+        self._cpu = 0.0
         res = {"name": name, **fn(d)}
+        res["cpu_seconds"] = self._cpu
         if "ckpt" in res and not Path(res["ckpt"]).exists():
             raise SystemExit(f"{self.task}/seed{self.seed} {name}: finished without writing {res['ckpt']} "
                              f"(log: {d / (name + '.log')})")
@@ -142,7 +145,15 @@ class Chain:
         return res
 
     def _cli(self, name: str, d: Path, args: list[str]) -> float:
-        return run_cli(f"{self.task}/seed{self.seed} {name}", args, d / f"{name}.log")
+        """Run one stage's command; return its wall time, and add its CPU time (user + system,
+        which other work on a shared machine barely changes) to the stage's."""
+        def cpu():
+            r = resource.getrusage(resource.RUSAGE_CHILDREN)  # children waited for: the finished stages
+            return r.ru_utime + r.ru_stime
+        before = cpu()
+        wall = run_cli(f"{self.task}/seed{self.seed} {name}", args, d / f"{name}.log")
+        self._cpu += cpu() - before
+        return wall
 
     def evaluate(self, stage: dict) -> dict:
         """Held-out metrics of a stage's checkpoint (greedy decoding, as the demo's table)."""
@@ -176,19 +187,19 @@ class Chain:
 
     def sft_continued(self) -> dict:
         """Continued SFT from the SFT checkpoint on the same training records, for as many steps as
-        sft-grpo's GRPO stage took seconds at this chain's measured SFT rate (equal wall time)."""
+        sft-grpo's GRPO stage took CPU seconds at this chain's SFT rate (CPU seconds per step of the
+        first SFT stage, its start-up included): equal compute, measured as CPU time."""
         sft, rl = self.sft(), self.sft_grpo()
 
         def run(d):
-            per_step = sft["seconds"] / sft["steps"]
-            steps = max(1, round(rl["seconds"] / per_step))
+            steps = max(1, round(rl["cpu_seconds"] / (sft["cpu_seconds"] / sft["steps"])))
             cfg = stage_config("sft", d, self.data, d)
             secs = self._cli("sft-continued", d, [
                 "fit", "--config", cfg, "--seed_everything", str(self.seed), "--model.init_args.init_ckpt", sft["ckpt"],
                 "--trainer.max_steps", str(steps), "--data.init_args.batch_size", str(self.sc.sft_batch),
                 "--trainer.limit_val_batches", "0"])
             return {"ckpt": str(d / "sft" / "checkpoints" / "last.ckpt"), "seconds": secs, "rollouts": 0,
-                    "steps": steps, "target_seconds": rl["seconds"]}
+                    "steps": steps, "target_cpu_seconds": rl["cpu_seconds"]}
         return self._stage("sft-continued", run)
 
     def pairs(self, threshold: float | None = None) -> dict:
@@ -329,11 +340,12 @@ class Chain:
             "accuracy": final["accuracy"], "accuracy_letter_only": final["accuracy_letter_only"],
             "format": final["format"], "hallucination": final["hallucination"],
             "accuracy_by_type": final["accuracy_by_type"],
-            "seconds": sum(st["seconds"] for st in stages), "rollouts": spent,
+            "seconds": sum(st["seconds"] for st in stages), "cpu_seconds": sum(st["cpu_seconds"] for st in stages),
+            "rollouts": spent,
             "curve": curve,
-            "stages": [{k: st[k] for k in ("name", "seconds", "rollouts")} for st in stages],
+            "stages": [{k: st[k] for k in ("name", "seconds", "cpu_seconds", "rollouts")} for st in stages],
             **{k: last[k] for k in ("effective_share", "effective_share_before", "extra_rollouts", "steps",
-                                    "target_seconds") if k in last},
+                                    "target_cpu_seconds") if k in last},
             **notes,
         }
 
@@ -380,7 +392,7 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 
 METRICS = ("accuracy", "format", "hallucination", "effective_share")
 COLUMNS = ["task", "variant", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
-           "seconds_mean", "rollouts_mean", "description"]
+           "seconds_mean", "cpu_seconds_mean", "rollouts_mean", "description"]
 
 
 def _effective_share(cell: dict) -> float | None:
@@ -407,10 +419,15 @@ def summarise(out: Path, tasks: list[str] | None = None, variants: list[str] | N
         for m in METRICS:
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std([c[m] for c in cs])
         row["seconds_mean"] = mean_std([c["seconds"] for c in cs])[0]
+        row["cpu_seconds_mean"] = mean_std([c.get("cpu_seconds") for c in cs])[0]
         row["rollouts_mean"] = mean_std([c["rollouts"] for c in cs])[0]
         row["description"] = VARIANTS.get(variant, "")
         rows.append(row)
     return rows
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
 
 
 def _pm(mean, std) -> str:
@@ -422,14 +439,14 @@ def _pm(mean, std) -> str:
 
 def markdown(rows: list[dict], baselines: dict[str, float] | None = None) -> str:
     lines = ["| task | variant | seeds | held-out accuracy | format rate | hallucination rate | effective samples "
-             "| time (s) | rollouts |", "|---|---|---|---|---|---|---|---|---|"]
+             "| wall (s) | CPU (s) | rollouts |", "|---|---|---|---|---|---|---|---|---|---|"]
     for task, acc in (baselines or {}).items():
-        lines.append(f"| {task} | majority answer | - | {100 * acc:.1f}% | - | - | - | - | - |")
+        lines.append(f"| {task} | majority answer | - | {100 * acc:.1f}% | - | - | - | - | - | - |")
     for r in rows:
         lines.append(f"| {r['task']} | {r['variant']} | {r['seeds']} | {_pm(r['accuracy_mean'], r['accuracy_std'])} "
                      f"| {_pm(r['format_mean'], r['format_std'])} | {_pm(r['hallucination_mean'], r['hallucination_std'])} "
                      f"| {_pm(r['effective_share_mean'], r['effective_share_std'])} "
-                     f"| {r['seconds_mean']:.0f} | {r['rollouts_mean']:.0f} |")
+                     f"| {r['seconds_mean']:.0f} | {_num(r['cpu_seconds_mean'])} | {r['rollouts_mean']:.0f} |")
     return "\n".join(lines)
 
 

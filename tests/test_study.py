@@ -14,7 +14,7 @@ from lightning_r1v2.rewards import accuracy_reward, format_reward, grounding_rew
 
 def _cell(task, variant, seed, acc, fmt=1.0, hall=0.02, seconds=10.0, rollouts=0):
     return {"task": task, "variant": variant, "seed": seed, "accuracy": acc, "accuracy_letter_only": acc,
-            "format": fmt, "hallucination": hall, "accuracy_by_type": {}, "seconds": seconds,
+            "format": fmt, "hallucination": hall, "accuracy_by_type": {}, "seconds": seconds, "cpu_seconds": seconds / 2,
             "rollouts": rollouts, "curve": [[0, acc / 2], [rollouts, acc]], "stages": []}
 
 
@@ -56,10 +56,10 @@ def test_table_means_and_stds_from_cells(tmp_path):
     md = S.report(tmp_path)
     lines = md.splitlines()
     assert lines[0].split("|")[1:-1] == [" task ", " variant ", " seeds ", " held-out accuracy ", " format rate ",
-                                         " hallucination rate ", " effective samples ", " time (s) ",
-                                         " rollouts "]
-    assert "| easy | grpo | 3 | 75.0% ± 5.6 | 100.0% ± 0.0 | 2.0% ± 0.0 | 100.0% ± 0.0 | 101 | 5120 |" in lines
-    assert "| twostep | sft | 1 | 40.0% | 100.0% | 2.0% | - | 10 | 0 |" in lines
+                                         " hallucination rate ", " effective samples ", " wall (s) ",
+                                         " CPU (s) ", " rollouts "]
+    assert "| easy | grpo | 3 | 75.0% ± 5.6 | 100.0% ± 0.0 | 2.0% ± 0.0 | 100.0% ± 0.0 | 101 | 50 | 5120 |" in lines
+    assert "| twostep | sft | 1 | 40.0% | 100.0% | 2.0% | - | 10 | 5 | 0 |" in lines
     assert (tmp_path / "table.md").read_text().strip() == md
     with open(tmp_path / "table.csv") as f:
         table = list(csv.DictReader(f))
@@ -134,6 +134,7 @@ def test_quick_study_through_the_cli(tmp_path, capsys):
         rl = cells[("sft-grpo", s)]
         assert rl["rollouts"] == sc.grpo_batches * sc.grpo_prompts * 8  # group_size 8
         assert [st["name"] for st in rl["stages"]] == ["sft", "sft-grpo"]
+        assert all(st["cpu_seconds"] > 0 for st in rl["stages"]) and rl["cpu_seconds"] > 0
         assert rl["curve"][0] == [0, cells[("sft", s)]["accuracy"]] and rl["curve"][-1][0] == rl["rollouts"]
         assert (tmp_path / "runs" / "easy" / f"seed{s}" / "sft-grpo" / "grpo" / "checkpoints" / "last.ckpt").exists()
     accs = [cells[("sft-grpo", s)]["accuracy"] for s in (0, 1)]
