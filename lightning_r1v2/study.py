@@ -65,9 +65,11 @@ class Scale:
 SCALES = {
     "quick": Scale(train=64, val=16, sft_steps=40, sft_batch=8, pairs_questions=8, pairs_samples=4, mpo_steps=2, mpo_batch=2,
                    prefilter_prompts=8, prefilter_k=4, grpo_batches=2, grpo_prompts=2, grpo_val_every=1),
-    # what fits a shared 2-core machine: half the demo's GRPO prompts per batch, a quarter of its batches
-    "small": Scale(train=2000, val=300, sft_steps=200, sft_batch=32, pairs_questions=400, pairs_samples=8, mpo_steps=0,
-                   mpo_batch=16, prefilter_prompts=400, prefilter_k=8, grpo_batches=40, grpo_prompts=16, grpo_val_every=10),
+    # what fits a shared 2-core machine: the demo's data and SFT; a tenth of its build-pairs and
+    # prefilter questions; GRPO with half its prompts per batch and about half its batches (an SFT of
+    # 200 steps left a policy at the majority answer whose count claims were 59% wrong)
+    "small": Scale(train=4000, val=300, sft_steps=500, sft_batch=32, pairs_questions=400, pairs_samples=8, mpo_steps=0,
+                   mpo_batch=16, prefilter_prompts=400, prefilter_k=8, grpo_batches=80, grpo_prompts=16, grpo_val_every=20),
     "full": Scale(train=4000, val=500, sft_steps=500, sft_batch=32, pairs_questions=0, pairs_samples=8, mpo_steps=0, mpo_batch=16,
                   prefilter_prompts=0, prefilter_k=8, grpo_batches=150, grpo_prompts=32, grpo_val_every=50),
 }
