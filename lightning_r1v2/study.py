@@ -11,8 +11,9 @@ against rollouts with a band over seeds (``accuracy_vs_rollouts.png``).
 
     python -m lightning_r1v2.study --scale small --seeds '[0,1,2]' --workers 1 --out runs/study
 
-What varies with the seed: every stage's ``seed_everything`` and the sampling seed of build-pairs
-and prefilter. The data (one set per task, ``make-data --seed 0``) and its held-out split are the
+What varies with the seed: every fit's ``seed_everything``, the tiny model's init seed and the
+data order's seed (the last two are settings of their own: ``seed_everything`` alone leaves SFT
+bit-identical), and the sampling seed of build-pairs and prefilter. The data (one set per task, ``make-data --seed 0``) and its held-out split are the
 same for every seed, so the spread is that of training alone.
 
 Departures from the demo, and why:
@@ -146,6 +147,11 @@ class Chain:
         _write_json(done, res)
         return res
 
+    def _seed_args(self) -> list[str]:
+        """A fit's seeds: Lightning's RNGs, the tiny model's init and the data order (each has its own)."""
+        return ["--seed_everything", str(self.seed), "--model.init_args.seed", str(self.seed),
+                "--data.init_args.seed", str(self.seed)]
+
     def _cli(self, name: str, d: Path, args: list[str]) -> float:
         """Run one stage's command; return its wall time, and add its CPU time (user + system,
         which other work on a shared machine barely changes) to the stage's."""
@@ -179,7 +185,7 @@ class Chain:
     def sft(self) -> dict:
         def run(d):
             cfg = stage_config("sft", d, self.data, d)
-            secs = self._cli("sft", d, ["fit", "--config", cfg, "--seed_everything", str(self.seed),
+            secs = self._cli("sft", d, ["fit", "--config", cfg, *self._seed_args(),
                                         "--trainer.max_steps", str(self.sc.sft_steps),
                                         "--data.init_args.batch_size", str(self.sc.sft_batch),
                                         "--trainer.limit_val_batches", "0"])
@@ -197,7 +203,7 @@ class Chain:
             steps = max(1, round(rl["cpu_seconds"] / (sft["cpu_seconds"] / sft["steps"])))
             cfg = stage_config("sft", d, self.data, d)
             secs = self._cli("sft-continued", d, [
-                "fit", "--config", cfg, "--seed_everything", str(self.seed), "--model.init_args.init_ckpt", sft["ckpt"],
+                "fit", "--config", cfg, *self._seed_args(), "--model.init_args.init_ckpt", sft["ckpt"],
                 "--trainer.max_steps", str(steps), "--data.init_args.batch_size", str(self.sc.sft_batch),
                 "--trainer.limit_val_batches", "0"])
             return {"ckpt": str(d / "sft" / "checkpoints" / "last.ckpt"), "seconds": secs, "rollouts": 0,
@@ -235,7 +241,7 @@ class Chain:
         def run(d):
             cfg = stage_config("mpo", d, self.data, d)
             steps = ["--trainer.max_steps", str(self.sc.mpo_steps)] if self.sc.mpo_steps else []
-            secs = self._cli(name, d, ["fit", "--config", cfg, "--seed_everything", str(self.seed),
+            secs = self._cli(name, d, ["fit", "--config", cfg, *self._seed_args(),
                                        "--model.init_args.init_ckpt", sft["ckpt"],
                                        "--data.init_args.train_file", pairs["file"],
                                        "--data.init_args.batch_size", str(self.sc.mpo_batch),
@@ -277,7 +283,7 @@ class Chain:
 
             cfg = stage_config("grpo", d, self.data, d, edit=edit)
             every = val_every or sc.grpo_val_every
-            secs = self._cli(name, d, ["fit", "--config", cfg, "--seed_everything", str(self.seed),
+            secs = self._cli(name, d, ["fit", "--config", cfg, *self._seed_args(),
                                        "--model.init_args.init_ckpt", init["ckpt"],
                                        "--data.init_args.train_file", train_file,
                                        "--data.init_args.batch_size", str(sc.grpo_prompts),
