@@ -137,6 +137,11 @@ def test_quick_study_through_the_cli(tmp_path, capsys):
         assert all(st["cpu_seconds"] > 0 for st in rl["stages"]) and rl["cpu_seconds"] > 0
         assert rl["curve"][0] == [0, cells[("sft", s)]["accuracy"]] and rl["curve"][-1][0] == rl["rollouts"]
         assert (tmp_path / "runs" / "easy" / f"seed{s}" / "sft-grpo" / "grpo" / "checkpoints" / "last.ckpt").exists()
+    import torch
+
+    weights = [torch.load(tmp_path / "runs" / "easy" / f"seed{s}" / "sft" / "sft" / "checkpoints" / "last.ckpt",
+                          map_location="cpu", weights_only=False)["state_dict"] for s in (0, 1)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the seed reaches SFT's init and data
     accs = [cells[("sft-grpo", s)]["accuracy"] for s in (0, 1)]
     assert rows[1]["accuracy_mean"] == pytest.approx(sum(accs) / 2)
     assert rows[1]["accuracy_std"] == pytest.approx(statistics.stdev(accs))
