@@ -115,12 +115,9 @@ def _grpo_settings() -> dict:
     return cfg["model"]["init_args"]
 
 
-def _drop_callbacks(cfg: dict, *names: str) -> list[dict]:
-    """Remove the trainer callbacks whose class_path ends with one of ``names``; return them."""
-    cbs = cfg["trainer"]["callbacks"]
-    gone = [c for c in cbs if c["class_path"].rsplit(".", 1)[-1] in names]
-    cfg["trainer"]["callbacks"] = [c for c in cbs if c not in gone]
-    return gone
+def _drop_callbacks(cfg: dict, *names: str) -> None:
+    """Remove the trainer callbacks whose class name is one of ``names``."""
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].rsplit(".", 1)[-1] not in names]
 
 
 class Chain:
@@ -272,11 +269,13 @@ class Chain:
 
         def edit(cfg):
             _drop_callbacks(cfg, "CriticalTokenEntropy")
-            if callbacks in ("none", "dynamic"):
-                _drop_callbacks(cfg, "SelectiveSampleBuffer")
-            if callbacks == "dynamic":  # as configs/tiny/grpo_dapo.yaml, listed before the monitors
-                cfg["trainer"]["callbacks"].insert(1, {"class_path": "lightning_r1v2.callbacks.DynamicSampling",
-                                                       "init_args": {"min_share": 1.0, "max_extra_prompts": 64}})
+            cbs = cfg["trainer"]["callbacks"]
+            at = next(i for i, c in enumerate(cbs) if c["class_path"].endswith("SelectiveSampleBuffer"))
+            if callbacks == "none":
+                del cbs[at]
+            elif callbacks == "dynamic":  # in the buffer's place, with grpo_dapo.yaml's settings (other branch)
+                cbs[at] = {"class_path": "lightning_r1v2.callbacks.DynamicSampling",
+                           "init_args": {"min_share": 1.0, "max_extra_prompts": 64}}
 
         def run(d):
             from .jobs.plot import read_metrics

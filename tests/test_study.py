@@ -154,3 +154,33 @@ def test_quick_study_through_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "$ python cli.py" not in printed and printed.count("done before, skipped") == 4
     assert stamps == {k: S.cell_path(tmp_path, "easy", *k).stat().st_mtime_ns for k in cells}
+
+
+def test_grpo_variants_differ_only_in_the_buffer(tmp_path, monkeypatch):
+    """The configs the GRPO variants run: the demo's callbacks, the buffer dropped (or, for
+    grpo-dynamic, DynamicSampling in its place), the entropy monitor dropped; same rollouts."""
+    import yaml
+
+    seen = {}
+
+    def fake_cli(title, args, log):  # record the command; train nothing (the stage then fails: no checkpoint)
+        seen[title.rsplit(" ", 1)[-1]] = args
+        return 1.0
+
+    monkeypatch.setattr(S, "run_cli", fake_cli)
+    chain = S.Chain(tmp_path, tmp_path / "data", "easy", 3, S.SCALES["small"])
+    init = {"ckpt": str(tmp_path / "init.ckpt")}
+    names = {}
+    for variant, cbs in (("grpo", "buffer"), ("grpo-nossb", "none"), ("grpo-dynamic", "dynamic")):
+        with pytest.raises(SystemExit, match="without writing"):
+            chain.grpo(variant, init, "train.jsonl", cbs)
+        args = seen[variant]
+        cfg = yaml.safe_load(open(args[args.index("--config") + 1]))
+        names[variant] = [c["class_path"].rsplit(".", 1)[-1] for c in cfg["trainer"]["callbacks"]]
+        sc = S.SCALES["small"]
+        assert args[args.index("--trainer.max_steps") + 1] == str(2 * sc.grpo_batches)  # 2 updates per batch
+        assert args[args.index("--data.init_args.batch_size") + 1] == str(sc.grpo_prompts)
+        assert args[args.index("--data.init_args.seed") + 1] == "3" and args[args.index("--model.init_args.seed") + 1] == "3"
+    assert "CriticalTokenEntropy" not in names["grpo"] and "SelectiveSampleBuffer" in names["grpo"]
+    assert names["grpo-nossb"] == [n for n in names["grpo"] if n != "SelectiveSampleBuffer"]
+    assert names["grpo-dynamic"] == [n.replace("SelectiveSampleBuffer", "DynamicSampling") for n in names["grpo"]]
