@@ -501,8 +501,52 @@ def plot_curves(out: Path, path: Path) -> None:
     plt.close(fig)
 
 
+COMPARISONS = (
+    ("mpo", "sft", "MPO adds"),
+    ("grpo", "mpo", "GRPO (with prefilter) adds to MPO"),
+    ("grpo", "grpo-nossb", "the buffer, at equal rollouts"),
+    ("grpo-dynamic", "grpo", "dynamic sampling against the buffer"),
+    ("sft-grpo", "sft-sft", "GRPO against continued SFT, at equal CPU time"),
+    ("sft-grpo", "sft", "GRPO adds to SFT"),
+    ("mpo-t0.1", "mpo-t0.5", "MPO threshold 0.1 against 0.5"),
+    ("mpo-t0.3", "mpo-t0.5", "MPO threshold 0.3 against 0.5"),
+)
+"""Paired comparisons: the variants of one (task, seed) share their earlier stages, so the
+difference is taken seed by seed, then its mean and standard deviation over seeds."""
+
+
+def paired_differences(out: Path, metric: str = "accuracy") -> list[dict]:
+    """Per task and comparison ``(a, b)``: ``a - b`` of ``metric`` on each seed that has both cells;
+    mean and sample standard deviation of those differences."""
+    cells: dict[tuple[str, str, int], dict] = {}
+    for p in sorted((Path(out) / "cells").glob("*/*/seed*.json")):
+        c = json.loads(p.read_text())
+        cells[(c["task"], c["variant"], c["seed"])] = c
+    rows = []
+    for task in sorted({k[0] for k in cells}, key=lambda t: (list(TASKS).index(t) if t in TASKS else 99, t)):
+        for a, b, what in COMPARISONS:
+            seeds = sorted(s for (t, v, s) in cells if t == task and v == a and (task, b, s) in cells)
+            if not seeds:
+                continue
+            diffs = [cells[(task, a, s)][metric] - cells[(task, b, s)][metric] for s in seeds]
+            mean, std = mean_std(diffs)
+            rows.append({"task": task, "a": a, "b": b, "what": what, "seeds": seeds, "diffs": diffs,
+                         "mean": mean, "std": std})
+    return rows
+
+
+def differences_markdown(rows: list[dict]) -> str:
+    lines = ["| task | comparison | seeds | accuracy difference per seed (points) | mean ± std |", "|---|---|---|---|---|"]
+    for r in rows:
+        per = ", ".join(f"{100 * d:+.1f}" for d in r["diffs"])
+        pm = f"{100 * r['mean']:+.1f}" + (f" ± {100 * r['std']:.1f}" if r["std"] is not None else "")
+        lines.append(f"| {r['task']} | {r['a']} − {r['b']} ({r['what']}) | {len(r['seeds'])} | {per} | {pm} |")
+    return "\n".join(lines)
+
+
 def report(out: Path, tasks: list[str] | None = None, variants: list[str] | None = None) -> str:
-    """Write ``table.csv``, ``table.md`` and ``accuracy_vs_rollouts.png`` from the cells; return the table."""
+    """Write ``table.csv``, ``table.md`` (with the paired differences) and ``accuracy_vs_rollouts.png``
+    from the cells; return the Markdown."""
     from .data.records import read_records
     from .jobs.evaluate import majority_baseline
 
@@ -515,6 +559,9 @@ def report(out: Path, tasks: list[str] | None = None, variants: list[str] | None
             baselines[task] = majority_baseline(read_records(d / "val.jsonl", check_images=False)[0],
                                                 read_records(d / "train.jsonl", check_images=False)[0])
     md = markdown(rows, baselines)
+    diffs = paired_differences(out)
+    if diffs:
+        md += "\n\nPaired differences (same task and seed, shared earlier stages):\n\n" + differences_markdown(diffs)
     (out / "table.md").write_text(md + "\n")
     write_csv(rows, out / "table.csv")
     plot_curves(out, out / "accuracy_vs_rollouts.png")

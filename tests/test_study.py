@@ -69,6 +69,20 @@ def test_table_means_and_stds_from_cells(tmp_path):
     assert (tmp_path / "accuracy_vs_rollouts.png").stat().st_size > 10_000
 
 
+def test_paired_differences_seed_by_seed(tmp_path):
+    for seed, (sft, mpo) in enumerate([(0.60, 0.65), (0.66, 0.68)]):
+        _write(tmp_path, _cell("easy", "sft", seed, sft))
+        _write(tmp_path, _cell("easy", "mpo", seed, mpo))
+    _write(tmp_path, _cell("easy", "mpo", 2, 0.99))  # no sft cell for seed 2: left out of the pairing
+    rows = S.paired_differences(tmp_path)
+    assert [(r["a"], r["b"], r["seeds"]) for r in rows] == [("mpo", "sft", [0, 1])]
+    # differences +0.05, +0.02: mean 0.035; deviations +-0.015; sqrt(2 * 0.015^2 / 1) = 0.0212132
+    assert rows[0]["diffs"] == pytest.approx([0.05, 0.02], abs=1e-12)
+    assert rows[0]["mean"] == pytest.approx(0.035, abs=1e-12) and rows[0]["std"] == pytest.approx(0.0212132, abs=1e-7)
+    md = S.report(tmp_path)
+    assert "| easy | mpo − sft (MPO adds) | 2 | +5.0, +2.0 | +3.5 ± 2.1 |" in md.splitlines()
+
+
 def test_rerun_skips_finished_cells_and_retries_failed_ones(tmp_path, monkeypatch):
     def fake_cli(title, args, log):  # only make-data reaches run_cli outside a Chain
         assert args[0] == "make-data"
