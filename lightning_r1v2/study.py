@@ -504,10 +504,12 @@ def plot_curves(out: Path, path: Path) -> None:
 COMPARISONS = (
     ("mpo", "sft", "MPO adds"),
     ("grpo", "mpo", "GRPO (with prefilter) adds to MPO"),
+    ("grpo", "sft", "the demo's chain against its SFT"),
     ("grpo", "grpo-nossb", "the buffer, at equal rollouts"),
     ("grpo-dynamic", "grpo", "dynamic sampling against the buffer"),
     ("sft-grpo", "sft-sft", "GRPO against continued SFT, at equal CPU time"),
     ("sft-grpo", "sft", "GRPO adds to SFT"),
+    ("sft-sft", "sft", "continued SFT adds to SFT"),
     ("mpo-t0.1", "mpo-t0.5", "MPO threshold 0.1 against 0.5"),
     ("mpo-t0.3", "mpo-t0.5", "MPO threshold 0.3 against 0.5"),
 )
