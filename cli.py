@@ -17,6 +17,7 @@ JOBS = {
     "convert": ("lightning_r1v2.jobs.convert", "convert", "turn a Skywork R1V release folder into an InternVL -hf folder"),
     "build-pairs": ("lightning_r1v2.jobs.build_pairs", "build_pairs", "sample the policy into MPO preference pairs"),
     "prefilter": ("lightning_r1v2.jobs.prefilter", "prefilter", "drop prompts the policy always or never solves"),
+    "study": ("lightning_r1v2.study", "study", "pipeline variants over seeds: one table of means and standard deviations"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a stage (SFT, MPO or GRPO) from a YAML config",

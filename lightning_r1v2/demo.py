@@ -21,7 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(title: str, args: list[str], log: Path) -> float:
+def run_cli(title: str, args: list[str], log: Path) -> float:
+    """Run ``python cli.py ARGS`` in this checkout, its output to ``log``; return its wall time (s).
+
+    The lines worth seeing are echoed; a failure raises ``SystemExit`` with the log's tail."""
     print(f"\n=== {title}\n$ python cli.py {' '.join(args)}", flush=True)
     t0 = time.perf_counter()
     stop = threading.Event()
@@ -54,13 +57,37 @@ def _worth_showing(line: str) -> bool:
     return any(k in line for k in keys) and "Warning" not in line
 
 
-def _config(name: str, out: Path, data: Path, into: Path) -> str:
-    """A copy of ``configs/tiny/<name>.yaml`` writing under ``out`` and reading ``data``."""
+def stage_config(name: str, out: Path, data: Path, into: Path, edit=None) -> str:
+    """A copy of ``configs/tiny/<name>.yaml`` writing under ``out`` and reading ``data``.
+
+    ``edit``, if given, is called with the parsed config (a dict) and may change it in place
+    (the copy is then written without the comments)."""
     text = (ROOT / "configs" / "tiny" / f"{name}.yaml").read_text()
     text = text.replace("runs/", f"{out}/").replace("data/tiny/", f"{data}/")
+    if edit is not None:
+        import yaml
+
+        cfg = yaml.safe_load(text)
+        edit(cfg)
+        text = yaml.safe_dump(cfg, sort_keys=False)
     path = into / f"{name}.yaml"
     path.write_text(text)
     return str(path)
+
+
+def effective_shares(run_dir: Path) -> dict:
+    """Mean effective-sample share of a GRPO run: after the buffer (``effective_share``) and as
+    sampled (``effective_share_before``); None where the run did not log it."""
+    from .jobs.plot import read_metrics
+
+    out = {"effective_share": None, "effective_share_before": None}
+    metrics = sorted(Path(run_dir).rglob("metrics.csv"))
+    if metrics:
+        s = read_metrics(metrics[-1])
+        for name, col in (("effective_share", "ssb/effective_share_after"), ("effective_share_before", "effective_share")):
+            vals = [v for _, v in s.get(col, [])]
+            out[name] = sum(vals) / len(vals) if vals else None
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -78,26 +105,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t_start = time.perf_counter()
 
     n_train, n_val = (64, 16) if q else (4000, 500)
-    times["data"] = _run("1/7 make-data", ["make-data", "--out", str(data), "--train", str(n_train),
+    times["data"] = run_cli("1/7 make-data", ["make-data", "--out", str(data), "--train", str(n_train),
                                            "--val", str(n_val), "--seed", "0"], logs / "make_data.log")
     sft, mpo, grpo = out / "sft", out / "mpo", out / "grpo"
-    cfg = {n: _config(n, out, data, logs) for n in ("sft", "build_pairs", "mpo", "prefilter", "grpo")}
+    cfg = {n: stage_config(n, out, data, logs) for n in ("sft", "build_pairs", "mpo", "prefilter", "grpo")}
     quick_fit = ["--trainer.max_steps", "3", "--data.init_args.batch_size", "4"] if q else []
-    times["SFT"] = _run("2/7 SFT", ["fit", "--config", cfg["sft"], *quick_fit], logs / "sft.log")
+    times["SFT"] = run_cli("2/7 SFT", ["fit", "--config", cfg["sft"], *quick_fit], logs / "sft.log")
     sft_ckpt = sft / "checkpoints" / "last.ckpt"
-    times["pairs"] = _run("3/7 build-pairs", [
+    times["pairs"] = run_cli("3/7 build-pairs", [
         "build-pairs", "--config", cfg["build_pairs"], "--ckpt_path", str(sft_ckpt),
         *(["--limit", "8", "--num_samples", "4"] if q else []),
     ], logs / "build_pairs.log")
-    times["MPO"] = _run("4/7 MPO", ["fit", "--config", cfg["mpo"], "--model.init_args.init_ckpt", str(sft_ckpt),
+    times["MPO"] = run_cli("4/7 MPO", ["fit", "--config", cfg["mpo"], "--model.init_args.init_ckpt", str(sft_ckpt),
                                     *quick_fit], logs / "mpo.log")
     mpo_ckpt = mpo / "checkpoints" / "last.ckpt"
     kept = data / "train.prefiltered.jsonl"
-    times["prefilter"] = _run("5/7 prefilter", [
+    times["prefilter"] = run_cli("5/7 prefilter", [
         "prefilter", "--config", cfg["prefilter"], "--ckpt_path", str(mpo_ckpt), "--out", str(kept),
         *(["--limit", "16", "--k", "4"] if q else []),
     ], logs / "prefilter.log")
-    times["GRPO"] = _run("6/7 GRPO", [
+    times["GRPO"] = run_cli("6/7 GRPO", [
         "fit", "--config", cfg["grpo"], "--data.init_args.train_file", str(kept),
         "--model.init_args.init_ckpt", str(mpo_ckpt),
         *(["--trainer.max_steps", "2", "--data.init_args.batch_size", "2"] if q else []),
@@ -107,7 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from .data.records import read_records
     from .jobs.evaluate import evaluate_module, majority_baseline
     from .jobs.export import load_module
-    from .jobs.plot import plot, read_metrics
+    from .jobs.plot import plot
 
     val, _ = read_records(data / "val.jsonl")
     train, _ = read_records(data / "train.jsonl", check_images=False)
@@ -119,13 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {"stage": stage, "accuracy": m["accuracy"], "format": m["format"], "hallucination": m["hallucination"],
                "accuracy_by_type": m["accuracy_by_type"], "effective_share": None, "seconds": times[key]}
         if stage == "GRPO":
-            metrics = sorted((grpo / "logs").rglob("metrics.csv"))
-            if metrics:
-                s = read_metrics(metrics[-1])
-                for name, col in (("effective_share", "ssb/effective_share_after"),
-                                  ("effective_share_before", "effective_share")):
-                    vals = [v for _, v in s.get(col, [])]
-                    row[name] = sum(vals) / len(vals) if vals else None
+            row.update(effective_shares(grpo / "logs"))
         results.append(row)
         print(f"  {stage}: accuracy {m['accuracy']:.3f}", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

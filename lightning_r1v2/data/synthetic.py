@@ -10,6 +10,8 @@ Question types (all answered from the colour counts):
 - ``most``    "Which colour is most frequent?"                   -> "blue" (scenes with a unique maximum)
 - ``compare`` "Are there more red than blue shapes?"             -> "yes" / "no" (counts differ)
 - ``choice``  "How many green shapes are there? (A) 1 (B) 2 ..." -> "B" (``choices`` holds the options)
+- ``diff``    "How many more red than blue shapes are there?"   -> "2" (two steps: two counts, then a
+  subtraction; the first colour has more; not drawn by default, ask for it with ``questions``)
 
 The reference response (used by SFT) lists every colour's count in the reasoning block, then
 gives the answer in ``\\boxed{}``::
@@ -37,7 +39,8 @@ PALETTE = {
     "orange": (240, 130, 20),
 }
 SHAPES = ("square", "circle", "triangle")
-QUESTION_TYPES = ("count", "most", "compare", "choice")
+DEFAULT_QUESTION_TYPES = ("count", "most", "compare", "choice")
+QUESTION_TYPES = DEFAULT_QUESTION_TYPES + ("diff",)
 LETTERS = "ABCD"
 
 
@@ -49,8 +52,8 @@ class TaskConfig:
     """``easy`` (2x2 grid, 3 colours), ``medium`` (2x2, 4 colours), ``hard`` (3x3, 4 colours)."""
     image_size: int = 0
     """Image side in pixels (0: 16 per cell, so that one image token of the tiny VLM sees one cell)."""
-    question_types: tuple[str, ...] = QUESTION_TYPES
-    """Which question types to draw from, uniformly."""
+    question_types: tuple[str, ...] = DEFAULT_QUESTION_TYPES
+    """Which question types to draw from, uniformly (``diff`` is not in the default set)."""
     fill: float = 0.8
     """Probability that a cell holds a shape."""
     grid: int = field(default=0)
@@ -122,6 +125,13 @@ def make_question(rng: random.Random, cfg: TaskConfig, counts: dict[str, int]) -
             return None
         answer = "yes" if counts[a] > counts[b] else "no"
         return {"type": qtype, "question": f"Are there more {a} than {b} shapes?", "answer": answer}
+    if qtype == "diff":
+        a, b = rng.sample(colours, 2)
+        if counts[a] == counts[b]:
+            return None
+        a, b = (a, b) if counts[a] > counts[b] else (b, a)
+        return {"type": qtype, "question": f"How many more {a} than {b} shapes are there?",
+                "answer": str(counts[a] - counts[b])}
     # choice: four consecutive counts containing the true one
     c = rng.choice(colours)
     true = counts[c]
@@ -241,6 +251,7 @@ def make_data(
     difficulty: str = "easy",
     image_size: int = 0,
     format: str = "jsonl",
+    questions: list[str] | None = None,
 ) -> dict[str, str]:
     """Generate the synthetic task: ``train.jsonl``, ``val.jsonl`` (and ``test.jsonl``) with PNGs,
     or the same records in another shape (``format``).
@@ -261,10 +272,13 @@ def make_data(
             ``parquet`` (``{split}.parquet``, geometry3k's columns, images embedded; read it with
             ``columns: {question_key: problem, image_key: images}``) or ``hf`` (``save_to_disk``
             folders ``{split}/``, images embedded). The same seed gives the same records in each.
+        questions: Question types to draw from (None: ``count``, ``most``, ``compare``,
+            ``choice``); e.g. ``[diff, compare, most]`` for questions that each need two counts.
     """
     if format not in WRITERS:
         raise ValueError(f"format must be one of {sorted(WRITERS)}, got {format!r}")
-    cfg = TaskConfig(difficulty=difficulty, image_size=image_size)
+    cfg = TaskConfig(difficulty=difficulty, image_size=image_size,
+                     question_types=tuple(questions) if questions else DEFAULT_QUESTION_TYPES)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     written = {}
