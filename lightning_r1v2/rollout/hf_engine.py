@@ -200,7 +200,8 @@ class _gathered:
     """Gather ZeRO-3 partitioned parameters once for a whole generation; a no-op elsewhere.
 
     With the DeepSpeed engine at hand (``trainer.strategy.model`` during fit) this is DeepSpeed's
-    own ``unwrap_model_for_generation``: every parameter gathered once, and ZeRO-3's per-module
+    own ``unwrap_model_for_generation`` (one rank; several ranks gather only, see below): every
+    parameter gathered once, and ZeRO-3's per-module
     forward hooks removed for the generation (re-registered after). Gathering alone leaves the
     hooks in place, and they run their fetch/release bookkeeping for every module at every decoding
     step (the 667M ZeRO-3 step stalled there on an H100). Without an engine (outside ``fit``) the
@@ -219,7 +220,9 @@ class _gathered:
             import deepspeed
 
             engine = getattr(getattr(trainer, "strategy", None), "model", None)
-            if isinstance(engine, deepspeed.DeepSpeedEngine) and getattr(engine, "optimizer", None) is not None:
+            one_rank = world_and_rank()[0] == 1  # on two CPU ranks the unhooked forward met a partitioned
+            #   embedding ("weight must be 2-D"): several ranks keep the gather-only path until that is understood
+            if one_rank and isinstance(engine, deepspeed.DeepSpeedEngine) and getattr(engine, "optimizer", None) is not None:
                 from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
                 self.ctx = unwrap_model_for_generation(engine)
