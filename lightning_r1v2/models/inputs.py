@@ -82,10 +82,6 @@ class PolicyIO:
         return sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tok) and i not in self.stop_ids)
 
     # ---------------------------------------------------------------- batches
-    @staticmethod
-    def positions(attention_mask):
-        return generation_position_ids(attention_mask)
-
     def model_inputs(self, input_ids, attention_mask, media: list[dict] | None = None,
                      token_inputs: dict | None = None, dtype=None) -> dict:
         """Keyword arguments of a forward pass over rows ``input_ids`` ``[n, T]``.

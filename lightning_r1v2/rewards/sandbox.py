@@ -218,12 +218,7 @@ def _detect_runtime() -> _Runtime:
         bwrap, why = None, "setpriv (util-linux) is missing, needed to start bwrap as an unprivileged uid"
     if bwrap:
         links = tuple((os.readlink(p), p) for p in ("/lib", "/lib64", "/bin", "/sbin", "/lib32") if os.path.islink(p))
-        seen: set[str] = set()
-        for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-            real = os.path.realpath(cand)
-            if real in seen or not os.access(real, os.X_OK):
-                continue
-            seen.add(real)
+        for _, real in _python_candidates():
             binds = ["/usr"] + [p for p in ("/lib", "/lib64", "/bin", "/sbin") if os.path.isdir(p) and not os.path.islink(p)]
             base = _base_prefix(real)
             for extra in (base, os.path.dirname(real)):
@@ -240,6 +235,16 @@ def _detect_runtime() -> _Runtime:
         "namespaces to contain model-written code.", why, LEGACY_GAPS_ROOT if rt.drop_privileges else LEGACY_GAPS_USER
     )
     return rt
+
+
+def _python_candidates():
+    """``(path, real path)`` of each distinct executable interpreter a job may run, best first."""
+    seen: set[str] = set()
+    for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        real = os.path.realpath(cand)
+        if real not in seen and os.access(real, os.X_OK):
+            seen.add(real)
+            yield cand, real
 
 
 def _base_prefix(python: str) -> str | None:
@@ -265,12 +270,7 @@ def _legacy_runtime(root: bool, kill_bin: str | None, setpriv: str | None) -> _R
                 prefix = (unshare, "--net", "--")
         except (OSError, subprocess.SubprocessError):
             pass
-    seen: set[str] = set()
-    for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        real = os.path.realpath(cand)
-        if real in seen or not os.access(real, os.X_OK):
-            continue
-        seen.add(real)
+    for cand, _ in _python_candidates():
         rt = _Runtime(cand, True, (), prefix, kill_bin, setpriv)
         res = _execute(rt, _PROBE, "", 10.0, 256, 5, 10_000, 1, 16, 64, None, 4)
         if res.ok and res.stdout.strip() == "ok":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.inputs import policy_io
+from ..models.inputs import generation_position_ids, policy_io
 from .types import Rollouts
 
 
@@ -59,7 +59,7 @@ def _shared_prompt(model, rows: Rollouts, io, first: torch.Tensor, run_of_row: t
     kw2 = io.model_inputs(rows.completion_ids, attention_mask[:, P:], dtype=model.dtype)
     kw2["attention_mask"] = attention_mask
     if "position_ids" in kw2:
-        kw2["position_ids"] = io.positions(attention_mask)[:, P:]  # [n, C]
+        kw2["position_ids"] = generation_position_ids(attention_mask)[:, P:]  # [n, C]
     out2 = model(**kw2, cache=cache, use_cache=False)
     head = out.logits[run_of_row, -1:]  # [n, 1, V] the last prompt position chooses completion token 0
     return torch.cat([head, out2.logits[:, :-1]], dim=1)  # [n, C, V]
