@@ -198,3 +198,33 @@ def test_grpo_variants_differ_only_in_the_buffer(tmp_path, monkeypatch):
     assert "CriticalTokenEntropy" not in names["grpo"] and "SelectiveSampleBuffer" in names["grpo"]
     assert names["grpo-nossb"] == [n for n in names["grpo"] if n != "SelectiveSampleBuffer"]
     assert names["grpo-dynamic"] == [n.replace("SelectiveSampleBuffer", "DynamicSampling") for n in names["grpo"]]
+
+
+@pytest.mark.slow
+def test_quick_study_runs_the_prefiltered_grpo_variants(tmp_path):
+    """SFT -> MPO -> prefilter -> GRPO through cli.py: prefilter writes its kept records in the stage's
+    folder, their images stay in the task's data folder (a GRPO fit that refused those paths failed
+    every grpo cell of the study once); each variant ends with a checkpoint and a cell."""
+    rows = S.study(out=str(tmp_path), scale="quick", tasks=["twostep"], variants=["grpo", "grpo-dynamic"], seeds=[0])
+    assert [(r["task"], r["variant"], r["seeds"]) for r in rows] == [("twostep", "grpo", 1), ("twostep", "grpo-dynamic", 1)]
+    for v in ("grpo", "grpo-dynamic"):
+        cell = json.loads(S.cell_path(tmp_path, "twostep", v, 0).read_text())
+        assert [st["name"] for st in cell["stages"]] == ["sft", "pairs", "mpo", "prefilter", v]
+        assert (tmp_path / "runs" / "twostep" / "seed0" / v / "grpo" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_grpo_stage_reads_prefilter_output_outside_the_data_folder(tmp_path, monkeypatch):
+    """The prefiltered JSONL lies in the stage folder and names images in the data folder: the GRPO
+    fit must allow that (the data module refuses paths leaving the JSONL's folder by default)."""
+    seen = {}
+
+    def fake_cli(title, args, log):
+        seen["args"] = args
+        return 1.0
+
+    monkeypatch.setattr(S, "run_cli", fake_cli)
+    chain = S.Chain(tmp_path, tmp_path / "data", "easy", 0, S.SCALES["quick"])
+    with pytest.raises(SystemExit, match="without writing"):
+        chain.grpo("grpo", {"ckpt": str(tmp_path / "init.ckpt")}, str(tmp_path / "pre" / "train.prefiltered.jsonl"))
+    args = seen["args"]
+    assert args[args.index("--data.init_args.allow_outside_paths") + 1] == "true"
