@@ -375,10 +375,12 @@ def grpo_variants(check: Check, a, folder: Path, train_file: str) -> None:
                          prompts=a.prompts, warmup=a.warmup, steps=a.steps, peak_tflops=a.peak_tflops)
     precision = "bf16-true" if a.device == "cuda" else "32-true"
     size = "tiny" if a.quick else "667M"
-    for stage in (0, 2, 3):
-        for cache in ("static", "dynamic"):
+    for stage in a.stages:
+        for cache in a.caches:
             where = "1 GPU" if a.device == "cuda" else "CPU"
             name = f"grpo {size} {where}" + (f" ZeRO-{stage}" if stage else "") + f" {cache} cache"
+            if stage == 3 and a.zero3:
+                name += " " + ",".join(f"{k.removeprefix('stage3_')}={v:g}" for k, v in a.zero3.items())
             if stage and a.device != "cuda" and not a.cpu_deepspeed:
                 check.skip(name, "Lightning's DeepSpeedStrategy refuses a CPU (--cpu-deepspeed: CPUDeepSpeedStrategy)")
                 continue
@@ -392,6 +394,8 @@ def grpo_variants(check: Check, a, folder: Path, train_file: str) -> None:
 
                     strategy = CPUDeepSpeedStrategy(stage=stage)
                     strategy.config["gradient_clipping"] = 1.0
+                if stage == 3 and a.zero3:
+                    strategy.config["zero_optimization"].update(a.zero3)
                 engine = HFGenerateEngine(max_new_tokens=a.max_new_tokens, temperature=1.0, cache=cache)
                 res = run_variant(name, ns, cfg, train_file, a.device, precision, strategy,
                                   module_overrides={"model": str(folder), "engine": engine},
@@ -492,6 +496,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "once fewer than 10 are left (default 400; cpu: 3600)")
     p.add_argument("--row-timeout-s", type=float, default=None,
                    help="stop a row after this many seconds, reported as a fail (default 150; cpu: 0, never)")
+    p.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")], default=[0, 2, 3],
+                   help="part 2's strategies: 0 (one device, no DeepSpeed), 2, 3 (ZeRO stages); default 0,2,3")
+    p.add_argument("--caches", type=lambda s: s.split(","), default=["static", "dynamic"],
+                   help="part 2's KV caches: static, dynamic; default both")
+    p.add_argument("--zero3", type=json.loads, default=None,
+                   help="JSON: extra zero_optimization settings for the ZeRO-3 rows, e.g. "
+                        "'{\"stage3_param_persistence_threshold\": 1e7}' (the row's name lists them)")
     p.add_argument("--parts", default="tiny,big", help="which parts: tiny (the pipeline), big (GRPO variants)")
     p.add_argument("--cpu-deepspeed", action="store_true",
                    help="on a CPU, run the ZeRO rows under CPUDeepSpeedStrategy (slow: DeepSpeed builds an op first)")
