@@ -149,3 +149,46 @@ def test_targets_are_read_off_the_variant_rows():
         "best 667M rollout tok/s: 14,532 (grpo 667M 1 GPU static cache) = 6.0x the 2,422 of plain generate "
         "(target >= 5x)",  # 14532 / 2422 = 6.0
     ]  # the tiny rows (--quick) are no evidence either way: no line for them
+
+
+def test_stage_cache_and_zero3_options_pick_the_rows_and_reach_the_strategy(monkeypatch):
+    """``--stages 3 --caches static --zero3 JSON``: one row, named with the extra settings, whose
+    strategy's ``zero_optimization`` holds them on top of stage 3's."""
+    gc = _load()
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_step
+
+    seen = []
+
+    def fake_variant(name, ns, cfg, train_file, device, precision, strategy, **kw):
+        seen.append((name, strategy))
+        return {"generate s": 1.0, "update s": 1.0, "step s": 2.0, "rollout tok/s": 10.0, "update tok": 1.0,
+                "MFU %": 0.1, "_params": 1, "_trainable": 1}
+
+    monkeypatch.setattr(gpu_step, "run_variant", fake_variant)
+    extra = {"stage3_param_persistence_threshold": 1e7, "stage3_prefetch_bucket_size": 5e8}
+    a = SimpleNamespace(device="cpu", quick=True, cpu_deepspeed=True, stages=[3], caches=["static"], zero3=extra,
+                        group_size=2, max_new_tokens=4, prompts=2, warmup=0, steps=1, peak_tflops=1.0)
+    check = gc.Check("cpu", budget_s=60, peak_tflops=1.0)
+    gc.grpo_variants(check, a, Path("unused"), "unused.jsonl")
+    assert [r["row"] for r in check.rows] == [
+        "grpo tiny CPU ZeRO-3 static cache param_persistence_threshold=1e+07,prefetch_bucket_size=5e+08"]
+    assert check.rows[0]["status"] == "pass"
+    zero = seen[0][1].config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 1e7
+    assert zero["stage3_prefetch_bucket_size"] == 5e8
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--device", "cpu", "--stages", "1"], "--stages takes 0, 2, 3"),
+    (["--device", "cpu", "--caches", "hot"], "--caches static, dynamic"),
+    (["--device", "cpu", "--zero3", "[1]"], "--zero3 takes a JSON object"),
+])
+def test_bad_stage_cache_or_zero3_is_refused(argv, says, capsys):
+    gc = _load()
+    with pytest.raises(SystemExit):
+        gc.main(argv)
+    assert says in capsys.readouterr().err
