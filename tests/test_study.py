@@ -228,3 +228,25 @@ def test_grpo_stage_reads_prefilter_output_outside_the_data_folder(tmp_path, mon
         chain.grpo("grpo", {"ckpt": str(tmp_path / "init.ckpt")}, str(tmp_path / "pre" / "train.prefiltered.jsonl"))
     args = seen["args"]
     assert args[args.index("--data.init_args.allow_outside_paths") + 1] == "true"
+
+
+def test_grpo_log_summary_counts_dynamic_sampling_extras_in_the_curve(tmp_path):
+    """4 rollout batches of 16 rollouts; DynamicSampling drew 8, 24 and 40 extra rollouts by steps 1-3;
+    validations after batches 2 and 4: the curve's points sit at 2 x 16 + 8 = 40 and 4 x 16 + 40 = 104."""
+    logs = tmp_path / "logs" / "version_0"
+    logs.mkdir(parents=True)
+    cols = ["epoch", "step", "val/accuracy", "dynamic_sampling/extra_rollouts_total",
+            "dynamic_sampling/zero_std_share_after", "effective_share"]
+    rows = [[0, 0, "", 0, 0.0, 0.5], [0, 1, "", 8, 0.5, 0.7], [0, 1, 0.25, "", "", ""], [0, 2, "", 24, "", ""],
+            [0, 3, "", 40, "", ""], [0, 3, 0.5, "", "", ""]]
+    (logs / "metrics.csv").write_text("\n".join(",".join(map(str, r)) for r in [cols, *rows]) + "\n")
+    out = S.grpo_log_summary(tmp_path / "logs", batches=4, rollouts_per_batch=16)
+    assert out["curve"] == [[40, 0.25], [104, 0.5]]
+    assert out["rollouts"] == 104 and out["extra_rollouts"] == 40
+    assert out["effective_share"] == pytest.approx(0.75)  # 1 - mean(0.0, 0.5)
+    assert out["effective_share_before"] == pytest.approx(0.6)  # mean(0.5, 0.7)
+    # without DynamicSampling: batches x rollouts, the buffer's share, no extras
+    (logs / "metrics.csv").write_text("epoch,step,val/accuracy,ssb/effective_share_after\n0,1,0.3,1.0\n0,3,0.4,0.9\n")
+    out = S.grpo_log_summary(tmp_path / "logs", batches=4, rollouts_per_batch=16)
+    assert out["curve"] == [[32, 0.3], [64, 0.4]] and out["rollouts"] == 64 and out["extra_rollouts"] == 0
+    assert out["effective_share"] == pytest.approx(0.95)
