@@ -552,9 +552,31 @@ COMPARISONS = (
 difference is taken seed by seed, then its mean and standard deviation over seeds."""
 
 
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
+"""Student's t, two-sided 95% (the 0.975 quantile), for 1 to 20 degrees of freedom (standard tables)."""
+
+
+def paired_t(diffs: list[float]) -> tuple[float | None, bool | None]:
+    """The paired t statistic ``mean / (std / sqrt(n))`` of per-seed differences, and whether it lies
+    beyond the two-sided 95% critical value with ``n - 1`` degrees of freedom (None: fewer than 2
+    seeds; past 20 degrees of freedom the normal 1.96). Zero spread: t is infinite unless the mean is 0."""
+    n = len(diffs)
+    if n < 2:
+        return None, None
+    mean, std = mean_std(diffs)
+    if std == 0:
+        t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    else:
+        t = mean / (std / math.sqrt(n))
+    crit = T_975[n - 2] if n - 1 <= len(T_975) else 1.96
+    return t, abs(t) > crit
+
+
 def paired_differences(out: Path, metric: str = "accuracy") -> list[dict]:
     """Per task and comparison ``(a, b)``: ``a - b`` of ``metric`` on each seed that has both cells;
-    mean and sample standard deviation of those differences."""
+    mean and sample standard deviation of those differences, the paired t statistic and whether the
+    difference is beyond noise at 95% (``paired_t``)."""
     cells: dict[tuple[str, str, int], dict] = {}
     for p in sorted((Path(out) / "cells").glob("*/*/seed*.json")):
         c = json.loads(p.read_text())
@@ -567,17 +589,21 @@ def paired_differences(out: Path, metric: str = "accuracy") -> list[dict]:
                 continue
             diffs = [cells[(task, a, s)][metric] - cells[(task, b, s)][metric] for s in seeds]
             mean, std = mean_std(diffs)
+            t, beyond = paired_t(diffs)
             rows.append({"task": task, "a": a, "b": b, "what": what, "seeds": seeds, "diffs": diffs,
-                         "mean": mean, "std": std})
+                         "mean": mean, "std": std, "t": t, "beyond_noise": beyond})
     return rows
 
 
 def differences_markdown(rows: list[dict]) -> str:
-    lines = ["| task | comparison | seeds | accuracy difference per seed (points) | mean ± std |", "|---|---|---|---|---|"]
+    lines = ["| task | comparison | seeds | accuracy difference per seed (points) | mean ± std | paired t | beyond noise (95%) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         per = ", ".join(f"{100 * d:+.1f}" for d in r["diffs"])
         pm = f"{100 * r['mean']:+.1f}" + (f" ± {100 * r['std']:.1f}" if r["std"] is not None else "")
-        lines.append(f"| {r['task']} | {r['a']} − {r['b']} ({r['what']}) | {len(r['seeds'])} | {per} | {pm} |")
+        t = "-" if r.get("t") is None else f"{r['t']:+.1f}"
+        beyond = {None: "-", True: "yes", False: "no"}[r.get("beyond_noise")]
+        lines.append(f"| {r['task']} | {r['a']} − {r['b']} ({r['what']}) | {len(r['seeds'])} | {per} | {pm} | {t} | {beyond} |")
     return "\n".join(lines)
 
 

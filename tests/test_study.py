@@ -80,7 +80,20 @@ def test_paired_differences_seed_by_seed(tmp_path):
     assert rows[0]["diffs"] == pytest.approx([0.05, 0.02], abs=1e-12)
     assert rows[0]["mean"] == pytest.approx(0.035, abs=1e-12) and rows[0]["std"] == pytest.approx(0.0212132, abs=1e-7)
     md = S.report(tmp_path)
-    assert "| easy | mpo − sft (MPO adds) | 2 | +5.0, +2.0 | +3.5 ± 2.1 |" in md.splitlines()
+    # t = 0.035 / (0.0212132 / sqrt 2) = 2.333; the 95% critical value at 1 degree of freedom is 12.706
+    assert rows[0]["t"] == pytest.approx(2.3333, abs=1e-4) and rows[0]["beyond_noise"] is False
+    assert "| easy | mpo − sft (MPO adds) | 2 | +5.0, +2.0 | +3.5 ± 2.1 | +2.3 | no |" in md.splitlines()
+
+
+def test_paired_t_against_worked_numbers():
+    # diffs 0.04, 0.05, 0.06: mean 0.05, std 0.01, t = 0.05 / (0.01 / sqrt 3) = 8.660 > 4.303 (2 df)
+    t, beyond = S.paired_t([0.04, 0.05, 0.06])
+    assert t == pytest.approx(8.6603, abs=1e-4) and beyond is True
+    # diffs +2.3, +0.7, +2.0 points: mean 1.667, std 0.8505, t = 3.394 < 4.303: within noise at 3 seeds
+    t, beyond = S.paired_t([0.023, 0.007, 0.020])
+    assert t == pytest.approx(3.3941, abs=1e-3) and beyond is False
+    assert S.paired_t([0.1]) == (None, None)
+    assert S.paired_t([0.0, 0.0]) == (0.0, False) and S.paired_t([0.01, 0.01]) == (math.inf, True)
 
 
 def test_rerun_skips_finished_cells_and_retries_failed_ones(tmp_path, monkeypatch):
