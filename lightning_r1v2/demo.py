@@ -109,15 +109,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                            "--val", str(n_val), "--seed", "0"], logs / "make_data.log")
     sft, mpo, grpo = out / "sft", out / "mpo", out / "grpo"
     cfg = {n: stage_config(n, out, data, logs) for n in ("sft", "build_pairs", "mpo", "prefilter", "grpo")}
-    quick_fit = ["--trainer.max_steps", "3", "--data.init_args.batch_size", "4"] if q else []
-    times["SFT"] = run_cli("2/7 SFT", ["fit", "--config", cfg["sft"], *quick_fit], logs / "sft.log")
+    # quick: 40 SFT steps (the study's quick scale); after 3 the policy sampled no pair with the reward gap
+    quick_sft = ["--trainer.max_steps", "40", "--data.init_args.batch_size", "8"] if q else []
+    times["SFT"] = run_cli("2/7 SFT", ["fit", "--config", cfg["sft"], *quick_sft], logs / "sft.log")
     sft_ckpt = sft / "checkpoints" / "last.ckpt"
     times["pairs"] = run_cli("3/7 build-pairs", [
         "build-pairs", "--config", cfg["build_pairs"], "--ckpt_path", str(sft_ckpt),
-        *(["--limit", "8", "--num_samples", "4"] if q else []),
+        *(["--limit", "32", "--num_samples", "4"] if q else []),
     ], logs / "build_pairs.log")
+    quick_mpo = ["--trainer.max_steps", "3", "--data.init_args.batch_size", "2"] if q else []
     times["MPO"] = run_cli("4/7 MPO", ["fit", "--config", cfg["mpo"], "--model.init_args.init_ckpt", str(sft_ckpt),
-                                    *quick_fit], logs / "mpo.log")
+                                    *quick_mpo], logs / "mpo.log")
     mpo_ckpt = mpo / "checkpoints" / "last.ckpt"
     kept = data / "train.prefiltered.jsonl"
     times["prefilter"] = run_cli("5/7 prefilter", [

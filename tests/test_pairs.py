@@ -134,3 +134,18 @@ def test_preference_datamodule_batches_resume_and_validation(tiny_data, processo
     assert rest == expected and first not in rest
     val = next(iter(dm.val_dataloader()))
     assert "labels" not in val and len(val["records"]) == 8  # held-out prompts, not pairs
+
+
+def test_fewer_pairs_than_one_batch_is_an_error_not_an_empty_fit(tiny_data, tmp_path, processor):
+    """Two pairs and batches of four: the loader would drop the short batch, MPO would train nothing
+    and write no checkpoint (the demo's --quick once did); the data module says so instead."""
+    path = tiny_data / "two_pairs.jsonl"  # beside the images the pairs name
+    write_pairs(tiny_data, path, n=2)
+    dm = PreferenceDataModule(train_file=str(path), val_file=None, batch_size=4)
+    dm.processor = processor
+    with pytest.raises(ValueError, match=r"two_pairs.jsonl: 2 usable preference pairs, fewer than one batch on each rank \(4;"):
+        dm.setup("fit")
+    ok = PreferenceDataModule(train_file=str(path), val_file=None, batch_size=2)
+    ok.processor = processor
+    ok.setup("fit")
+    assert len(ok.train_records) == 2

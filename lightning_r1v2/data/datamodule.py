@@ -228,16 +228,22 @@ class R1V2DataModule(L.LightningDataModule):
             self.train_records = self._load(hp.train_file, hp.max_train_records)
             if not self.train_records:
                 raise ValueError(f"{hp.train_file}: no usable training records")
-            need = hp.batch_size * world_and_rank()[0]  # one batch on every rank (drop_last)
-            if len(self.train_records) < need:
-                raise ValueError(
-                    f"{hp.train_file}: {len(self.train_records)} usable training records, fewer than one batch "
-                    f"on each rank ({need}; skipped: {dict(self.skipped) or 'none'})"
-                )
+            self._require_one_batch("training records")
         if hp.val_file and not self.val_records and stage in ("fit", "validate", "test", None):
             self.val_records = self._load(hp.val_file, hp.max_val_records)
         if self.skipped:
             log.warning("skipped records: %s", dict(self.skipped))
+
+    def _require_one_batch(self, what: str) -> None:
+        """Fewer training rows than one batch on every rank (the loader drops a short last batch) would
+        train nothing and write no checkpoint: an error naming the file instead."""
+        hp = self.hparams
+        need = hp.batch_size * world_and_rank()[0]
+        if len(self.train_records) < need:
+            raise ValueError(
+                f"{hp.train_file}: {len(self.train_records)} usable {what}, fewer than one batch "
+                f"on each rank ({need}; skipped: {dict(self.skipped) or 'none'})"
+            )
 
     def _train_sampler(self) -> StatefulRandomSampler:
         """The resumable sampler over the training records (restored from a checkpoint if pending)."""

@@ -169,6 +169,7 @@ class PreferenceDataModule(R1V2DataModule):
                     r["_resize"] = [hp.min_pixels, hp.max_pixels]
             if not self.train_records:
                 raise ValueError(f"{hp.train_file}: no usable preference pairs (run `cli.py build-pairs` first)")
+            self._require_one_batch("preference pairs")
         if hp.val_file and not self.val_records and stage in ("fit", "validate", "test", None):
             self.val_records = self._load(hp.val_file, hp.max_val_records)
         if self.skipped:
