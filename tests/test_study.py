@@ -1,5 +1,5 @@
-"""The study: its table from the cells' JSON, resume, the two-step question type, and (slow) a real
-``--quick`` run through cli.py."""
+"""The study: its table from the cells' JSON, resume, the two-step question type, a real ``--quick``
+run through cli.py, and (slow) the prefiltered GRPO variants at the quick scale."""
 import csv
 import json
 import math
@@ -149,8 +149,7 @@ def test_diff_questions_need_two_counts_and_score_like_the_others(tmp_path):
     assert accuracy_reward(wrong, **cols) == [0.0] * len(recs)
 
 
-@pytest.mark.slow
-def test_quick_study_through_the_cli(tmp_path, capsys):
+def test_quick_study_through_the_cli(tmp_path, capsys):  # about 40 s: the study's --quick runs in make test
     """2 seeds x (SFT, SFT -> GRPO) at the quick scale, each stage a `cli.py` process; then a rerun."""
     rows = S.study(out=str(tmp_path), quick=True)
     assert [(r["task"], r["variant"], r["seeds"]) for r in rows] == [("easy", "sft", 2), ("easy", "sft-grpo", 2)]
