@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from .sampling import (
+    EmbeddedImages,
     build_reward_callbacks,
     default_report_path,
+    check_source_args,
     load_policy_module,
     load_records,
     output_record,
@@ -91,14 +93,18 @@ def build_pairs(
     progress_every: int = 5,
     store_ref_logps: bool = False,
     ref_batch_size: int = 64,
+    format: str = "auto",
+    columns: dict[str, str] | None = None,
 ) -> dict:
     """Sample the policy and write MPO preference pairs (JSONL) plus a report (JSON).
 
     Args:
         ckpt_path: The policy: a Lightning checkpoint (``runs/sft/checkpoints/last.ckpt``), ``tiny``
             or a Hugging Face folder. For the next round of iterative MPO, the MPO checkpoint.
-        data: Records to sample (``read_records`` format).
-        out: Pairs file; images are written relative to its folder.
+        data: Records to sample: a JSONL file, a ``save_to_disk`` folder, parquet/arrow files (a
+            path or a glob) or LLaVA JSON.
+        out: Pairs file (JSONL); images are written relative to its folder, embedded images as
+            files in ``<out stem>.images/`` beside it.
         num_samples: Answers sampled per question (InternVL MPO: up to 32).
         temperature: Sampling temperature (1.0 in InternVL MPO).
         top_p: Nucleus sampling mass (1.0: off).
@@ -120,16 +126,22 @@ def build_pairs(
             ``reference: precomputed`` and ``init_ckpt`` = ``ckpt_path`` then reads them instead
             of scoring the pairs itself (a different ``init_ckpt`` scores them again).
         ref_batch_size: Pairs per forward pass for ``store_ref_logps``.
+        format: ``auto`` (from the path), ``jsonl``, ``hf``, ``parquet``, ``arrow`` or ``llava``.
+        columns: Dataset column names (``hf``/``parquet``/``arrow``): ``question_key``,
+            ``answer_key``, ``image_key``, ``choices_key``, ``response_key``, ``id_key``
+            (``sources.ColumnMap``), e.g. ``{question_key: problem, image_key: images}``.
 
     Returns:
         The report: questions, questions without a pair, pairs, pairs per question, mean gap,
         share of samples correct, time.
     """
     t0 = time.perf_counter()
+    check_source_args(format, columns)
     module = load_policy_module(ckpt_path)
     callbacks = build_reward_callbacks(rewards)
-    records = load_records(data, limit)
+    records = load_records(data, limit, format=format, columns=columns)
     out_dir = Path(out).parent
+    embedded = EmbeddedImages.beside(out)
     rows: list[dict] = []
     to_score: list[dict] = []  # the rows with absolute image paths, for store_ref_logps
     per_question: list[int] = []
@@ -143,7 +155,7 @@ def build_pairs(
     )
     for g in groups:
         pairs = select_pairs(g.completions, g.reward, threshold, max_pairs_per_question)
-        base = output_record(g.record, out_dir)
+        base = output_record(g.record, out_dir, embedded)
         base.pop("response", None)  # the SFT target is not a sample of this policy
         for k, (c, r, gap) in enumerate(pairs):
             if store_ref_logps:

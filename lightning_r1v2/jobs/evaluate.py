@@ -1,7 +1,7 @@
 """``cli.py evaluate``: a checkpoint's held-out accuracy, format and hallucination rates.
 
-Batched greedy generation over a JSONL of records; accuracy per question type; the
-majority-answer baseline (the most common answer of each question type in a reference split,
+Batched greedy generation over held-out records (any source ``read_source`` reads); accuracy per
+question type; the majority-answer baseline (the most common answer of each question type in a reference split,
 by default the training file next to ``data``) for comparison.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 
 from ..rewards.claims import rates as hallucination_rates
 from ..data.collate import PromptCollator
-from ..data.records import read_records
 from ..rewards.rules import held_out_scores
 
 
@@ -29,6 +28,12 @@ def majority_baseline(eval_records: list[dict], reference_records: list[dict]) -
         common = by_type.get(r.get("type", "all"))
         hits += bool(common) and common.most_common(1)[0][0] == r["answer"]
     return hits / max(1, len(eval_records))
+
+
+def default_reference(data: str | Path) -> Path:
+    """``train`` beside ``data``, with its suffix: ``val.jsonl`` -> ``train.jsonl``, ``d/val`` -> ``d/train``."""
+    data = Path(data)
+    return data.with_name("train" + data.suffix)
 
 
 @torch.no_grad()
@@ -68,31 +73,39 @@ def evaluate(
     batch_size: int = 100,
     max_new_tokens: int = 32,
     limit: int = 0,
+    format: str = "auto",
+    columns: dict[str, str] | None = None,
 ) -> dict:
     """Evaluate a checkpoint on held-out records and print the metrics.
 
     Args:
         ckpt_path: A ``.ckpt`` written by ``cli.py fit`` (any stage), a Hugging Face folder, or
             ``tiny`` for a random init.
-        data: JSONL of held-out records.
-        reference: JSONL whose answers define the majority baseline (default: ``train.jsonl``
-            beside ``data``, if present).
+        data: Held-out records: a JSONL file, a ``save_to_disk`` folder, parquet/arrow files (a
+            path or a glob) or LLaVA JSON.
+        reference: Records whose answers define the majority baseline, read with the same
+            ``format`` and ``columns`` (default: ``train`` beside ``data`` with its suffix, e.g.
+            ``train.jsonl``, ``train.parquet`` or a ``train`` folder, if present).
         out: Write the metrics (and completions) as JSON here.
         batch_size: Records per generation batch.
         max_new_tokens: Generation length.
         limit: Evaluate only the first N records (0: all).
+        format: ``auto`` (from the path), ``jsonl``, ``hf``, ``parquet``, ``arrow`` or ``llava``.
+        columns: Dataset column names (``hf``/``parquet``/``arrow``): ``question_key``,
+            ``answer_key``, ``image_key``, ``choices_key``, ``response_key``, ``id_key``
+            (``sources.ColumnMap``), e.g. ``{question_key: problem, image_key: images}``.
     """
-    from .sampling import load_policy_module
+    from .sampling import check_source_args, load_policy_module, load_records
 
     t0 = time.perf_counter()
+    check_source_args(format, columns)
     module = load_policy_module(ckpt_path)
-    records, _ = read_records(data)
-    if limit:
-        records = records[:limit]
+    records = load_records(data, limit, format=format, columns=columns)
     metrics = evaluate_module(module, records, batch_size, max_new_tokens)
-    ref_path = Path(reference) if reference else Path(data).with_name("train.jsonl")
+    ref_path = Path(reference) if reference else default_reference(data)
     if ref_path.exists():
-        metrics["majority_baseline"] = majority_baseline(records, read_records(ref_path, check_images=False)[0])
+        ref = load_records(str(ref_path), format=format, columns=columns, check_images=False)
+        metrics["majority_baseline"] = majority_baseline(records, ref)
     metrics["seconds"] = time.perf_counter() - t0
     summary = {k: v for k, v in metrics.items() if k != "completions"}
     print(json.dumps(summary, indent=2))

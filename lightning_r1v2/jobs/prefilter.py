@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 from .sampling import (
+    EmbeddedImages,
     build_reward_callbacks,
     default_report_path,
+    check_source_args,
     load_policy_module,
     load_records,
     output_record,
@@ -39,14 +41,18 @@ def prefilter(
     limit: int = 0,
     report: str | None = None,
     progress_every: int = 5,
+    format: str = "auto",
+    columns: dict[str, str] | None = None,
 ) -> dict:
     """Keep the prompts whose pass rate over ``k`` samples is strictly between 0 and 1.
 
     Args:
         ckpt_path: The policy that will be trained (usually the GRPO stage's ``init_ckpt``): a
             Lightning checkpoint, ``tiny`` or a Hugging Face folder.
-        data: Records to filter.
-        out: Kept records (same format; images relative to its folder).
+        data: Records to filter: a JSONL file, a ``save_to_disk`` folder, parquet/arrow files (a
+            path or a glob) or LLaVA JSON.
+        out: Kept records (JSONL; images relative to its folder, embedded images written as files
+            in ``<out stem>.images/`` beside it).
         k: Samples per prompt (the GRPO group size is a good choice).
         temperature: Sampling temperature (as in GRPO).
         top_p: Nucleus sampling mass.
@@ -61,6 +67,10 @@ def prefilter(
         limit: Use only the first ``limit`` records (0: all).
         report: Report path (default: ``out`` with ``.report.json``).
         progress_every: Print progress every this many batches.
+        format: ``auto`` (from the path), ``jsonl``, ``hf``, ``parquet``, ``arrow`` or ``llava``.
+        columns: Dataset column names (``hf``/``parquet``/``arrow``): ``question_key``,
+            ``answer_key``, ``image_key``, ``choices_key``, ``response_key``, ``id_key``
+            (``sources.ColumnMap``), e.g. ``{question_key: problem, image_key: images}``.
 
     Returns:
         The report: prompts per pass count ``0..k``, kept, dropped all-pass, dropped all-fail.
@@ -68,13 +78,15 @@ def prefilter(
     t0 = time.perf_counter()
     if k < 2:
         raise ValueError(f"k must be >= 2 to tell mixed prompts apart, got {k}")
+    check_source_args(format, columns)
     module = load_policy_module(ckpt_path)
     callbacks = build_reward_callbacks(rewards)
     names = [cb.name for cb in callbacks]
     if pass_reward != "combined" and pass_reward not in names:
         raise ValueError(f"pass_reward {pass_reward!r} is not one of the reward names {names} (or 'combined')")
-    records = load_records(data, limit)
+    records = load_records(data, limit, format=format, columns=columns)
     out_dir = Path(out).parent
+    embedded = EmbeddedImages.beside(out)
     histogram = {f"{i}/{k}": 0 for i in range(k + 1)}
     kept: list[dict] = []
     all_pass = all_fail = 0
@@ -91,7 +103,7 @@ def prefilter(
         elif passes == k:
             all_pass += 1
         else:
-            kept.append({**output_record(g.record, out_dir), "pass_rate": passes / k})
+            kept.append({**output_record(g.record, out_dir, embedded), "pass_rate": passes / k})
     write_jsonl(out, kept)
     n = len(records)
     rep = {

@@ -6,6 +6,8 @@ with ``RewardCallback``s (the same YAML list GRPO configs use) and combine the c
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -81,22 +83,102 @@ def build_reward_callbacks(specs: list[dict] | None) -> list:
     return out
 
 
-def load_records(data: str, limit: int = 0, strict: bool = True) -> list[dict]:
-    """Validated records of a JSONL file (images made absolute), the first ``limit`` if > 0."""
-    from ..data.records import read_records
+def check_source_args(format: str, columns: dict | None) -> None:
+    """Fail on an unknown ``format`` or ``columns`` key before a policy is loaded or data is read."""
+    from ..data.sources import FORMATS, ColumnMap
 
-    records, _ = read_records(data, strict=strict)
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    ColumnMap.build(columns)
+
+
+def load_records(data: str, limit: int = 0, strict: bool = True, format: str = "auto",
+                 columns: dict | None = None, check_images: bool = True) -> list[dict]:
+    """Validated records of any source ``read_source`` reads (a JSONL file, a ``save_to_disk``
+    folder, parquet/arrow files, LLaVA JSON), the first ``limit`` if > 0. Image paths are absolute;
+    embedded images are references (``sources.open_image``)."""
+    from ..data.sources import read_source
+
+    check_source_args(format, columns)
+    records, _ = read_source(data, format=format, columns=columns, strict=strict, check_images=check_images)
     return records[:limit] if limit else records
 
 
-def output_record(rec: dict, out_dir: str | Path) -> dict:
+def is_embedded(entry) -> bool:
+    """Whether an image entry is a reference into a dataset's table (not a path)."""
+    return isinstance(entry, dict) and "dataset" in entry
+
+
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif"}  # PIL format -> file extension, where not its lower case
+
+
+class EmbeddedImages:
+    """Writes the embedded images of output records as files in ``folder`` (under ``out_dir``), each once.
+
+    A reference ``{"dataset": "parquet:/abs/train.parquet", "row": 12, "column": "images", "index": 0}``
+    becomes ``<folder>/train-12_0.png`` (``train-12.png`` when ``index`` is None), the extension from
+    the image's format; the record gets that path relative to ``out_dir``.
+    """
+
+    def __init__(self, out_dir: str | Path, folder: str | Path):
+        self.out_dir = Path(out_dir)
+        self.folder = Path(folder)
+        self.written: dict[tuple, str] = {}  # reference key -> path relative to out_dir
+        self._names: dict[str, tuple] = {}  # file stem -> the reference it holds
+
+    @classmethod
+    def beside(cls, out: str | Path) -> "EmbeddedImages":
+        """For an output file ``out``: images in ``<out's folder>/<out's stem>.images/``."""
+        out = Path(out)
+        return cls(out.parent, out.parent / f"{out.stem}.images")
+
+    def _stem(self, ref: dict, key: tuple) -> str:
+        where = str(ref["dataset"]).partition(":")[2]
+        stem = f"{Path(where).stem}-{int(ref['row'])}"
+        if ref.get("index") is not None:
+            stem += f"_{int(ref['index'])}"
+        if self._names.setdefault(stem, key) != key:  # two shards with one file stem: tell them apart
+            stem += "-" + hashlib.sha1(str(ref["dataset"]).encode()).hexdigest()[:8]
+            self._names[stem] = key
+        return stem
+
+    def path(self, ref: dict) -> str:
+        """The file of ``ref`` (written now if new), relative to ``out_dir``, with ``/`` separators."""
+        from PIL import Image, UnidentifiedImageError
+
+        from ..data.sources import image_bytes
+
+        key = (ref["dataset"], ref["column"], int(ref["row"]), ref.get("index"))
+        if key not in self.written:
+            blob = image_bytes(ref)
+            try:
+                with Image.open(io.BytesIO(blob)) as im:
+                    fmt = im.format
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"embedded image {ref} cannot be decoded ({type(e).__name__}: {e})") from None
+            ext = _EXTENSIONS.get(fmt or "", (fmt or "bin").lower())
+            target = self.folder / f"{self._stem(ref, key)}.{ext}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(blob)
+            self.written[key] = Path(os.path.relpath(target, self.out_dir)).as_posix()
+        return self.written[key]
+
+
+def output_record(rec: dict, out_dir: str | Path, embedded: EmbeddedImages | None = None) -> dict:
     """``rec`` ready to write into ``out_dir``: no internal keys, image paths relative to that folder
-    when the images lie under it (so data and images move together), else absolute."""
+    when the images lie under it (so data and images move together), else absolute. Embedded images
+    (references into a dataset) are written as files by ``embedded`` and get their relative path."""
     if rec.get("image") is None:  # a text-only record
         return {k: v for k, v in rec.items() if k not in _INTERNAL}
     images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
     rel = []
     for p in images:
+        if is_embedded(p):
+            if embedded is None:
+                raise ValueError(f"{rec.get('_source', rec.get('id'))}: an embedded image needs a place to be "
+                                 "written (output_record's embedded=EmbeddedImages(...))")
+            rel.append(embedded.path(p))
+            continue
         r = os.path.relpath(os.path.abspath(p), os.path.abspath(out_dir))
         rel.append(os.path.abspath(p) if r.startswith("..") else r)
     out = {k: v for k, v in rec.items() if k not in _INTERNAL}
@@ -143,7 +225,7 @@ def sample_groups(
 
     Args:
         module: a ``PolicyModule`` (``load_policy_module``).
-        records: records from ``read_records`` (absolute image paths).
+        records: records from ``load_records`` (absolute image paths or embedded references).
         callbacks: reward callbacks (``build_reward_callbacks``), scored in this order.
         reward_mode: how ``combine_rewards`` combines the columns (``weighted``, ``sum``, ``gate``).
         batch_size: prompts per ``generate`` call (``batch_size * num_samples`` sequences).
