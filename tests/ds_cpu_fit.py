@@ -1,6 +1,7 @@
 """Fit the tiny GRPO config for 2 rollout batches under Lightning's DeepSpeedStrategy on DeepSpeed's
 CPU accelerator; print what tests/test_deepspeed_cpu.py checks. Run: DS_ACCELERATOR=cpu
-[TRAIN_FILE=records.jsonl] python tests/ds_cpu_fit.py STAGE [MICRO_BATCH_SIZE] [SFT_CKPT or none]
+[TRAIN_FILE=records.jsonl] [LORA=1] python tests/ds_cpu_fit.py STAGE [MICRO_BATCH_SIZE] [SFT_CKPT or none]
+(LORA=1: rank-8 adapters on the LLM and connector as the only trained tensors, a KL to the base)
 
 ``lightning_r1v2.strategies.CPUDeepSpeedStrategy`` bypasses only Lightning's CUDA check and the device
 index, so everything else (engine set-up, ZeRO partitioning, manual optimization, generation with
@@ -27,7 +28,9 @@ def main(stage: int, micro: int, ckpt: str | None):
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     cfg = load_config()
-    m = build_module(cfg, 8, 24, ckpt, table_every_n_steps=0, max_grad_norm=0.0, micro_batch_size=micro)
+    lora = {"trainable": [], "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "parts": ["llm", "connector"]},
+            "kl_coef": 0.02} if os.environ.get("LORA") == "1" else {}  # configs/tiny/grpo_lora.yaml's adapters
+    m = build_module(cfg, 8, 24, ckpt, table_every_n_steps=0, max_grad_norm=0.0, micro_batch_size=micro, **lora)
     # TRAIN_FILE: the test's own data (a fresh clone has no data/tiny)
     dm = build_data(cfg, 4, val_file=None, **({"train_file": os.environ["TRAIN_FILE"]} if "TRAIN_FILE" in os.environ else {}))
     before = {n: p.detach().clone() for n, p in m.model.named_parameters()}

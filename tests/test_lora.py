@@ -71,6 +71,10 @@ def test_only_adapters_train_and_the_optimizer_holds_only_them(trained):
     in_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
     lora = sum(p.numel() for n, p in m.model.named_parameters() if ".lora_" in n)
     assert in_opt == lora == m.param_counts["trainable"] and lora < 0.05 * sum(p.numel() for p in before.values())
+    # adapters are 2-D only: one (weight-decayed) group, no empty one (ZeRO-3 drops an empty group from the
+    # optimizer it builds, and the LR schedule's per-group base LRs then no longer match: a crash at sched.step())
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == m.hparams.weight_decay
+    assert len(trainer.lr_scheduler_configs[0].scheduler.base_lrs) == 1
 
 
 def test_the_reference_is_the_base_model_with_adapters_off(trained, tiny_data):

@@ -219,8 +219,12 @@ class PolicyModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if param_ndim(p) >= 2]  # full shape: a ZeRO-3 partition is 1-D
         no_decay = [p for p in params if param_ndim(p) < 2]
+        # an empty group is left out: ZeRO-3 drops it from the optimizer it builds, and the LR
+        # schedule (one base LR per group, made here) then no longer matches (LoRA trains 2-D tensors only)
+        groups = [g for g in ({"params": decay, "weight_decay": self.hparams.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            groups,
             lr=self.hparams.lr,
             betas=tuple(self.hparams.betas),
             fused=_fused_adamw_ok(params),  # one kernel for all tensors (TRL's default adamw_torch_fused)
