@@ -29,7 +29,7 @@ test: install lint
 lint: install
 	$(PY) -m pyflakes lightning_r1v2 cli.py benchmarks tests
 
-# only the end-to-end runs marked slow (about 3.5 minutes on 2 cores; not in CI, see .ci/run)
+# only the end-to-end runs marked slow (about 9 minutes on 2 cores; not in CI, see .ci/run)
 test-slow: install
 	$(PY) -m pytest $(PYTEST_ARGS) -m slow
 
