@@ -113,6 +113,10 @@ def test_evaluate_reference_reads_the_same_source(data, policy, monkeypatch, tmp
     want = _evaluate(monkeypatch, policy, data["jsonl"], tmp_path / "j.json",
                      "--reference", str(data["root"] / "jsonl" / "train.jsonl"))
     assert got["majority_baseline"] == want["majority_baseline"]
+    # a JSONL reference beside parquet data: read as JSONL, the parquet columns not applied to it
+    mixed = _evaluate(monkeypatch, policy, data["parquet"], tmp_path / "m.json", *_args("parquet"),
+                      "--reference", str(data["root"] / "jsonl" / "train.jsonl"))
+    assert mixed["majority_baseline"] == want["majority_baseline"]
 
 
 def _check_written_images(rows, out, source, many: bool):

@@ -36,6 +36,18 @@ def default_reference(data: str | Path) -> Path:
     return data.with_name("train" + data.suffix)
 
 
+def reference_source(path: Path, given: bool, format: str, columns: dict | None) -> tuple[str, dict | None]:
+    """How to read the majority baseline's reference: the default one (``train`` beside ``data``)
+    with ``data``'s ``format`` and ``columns``; one given by path in the format its name says, with
+    ``columns`` only where that format takes them (a JSONL or LLaVA reference beside parquet data)."""
+    if not given:
+        return format, columns
+    from ..data.sources import detect_format
+
+    fmt = detect_format(path)
+    return fmt, (columns if fmt in ("hf", "parquet", "arrow") else None)
+
+
 @torch.no_grad()
 def evaluate_module(module, records: list[dict], batch_size: int = 100, max_new_tokens: int = 32) -> dict:
     """Greedy-decode every record with ``module``'s policy; return the metrics and completions."""
@@ -83,9 +95,10 @@ def evaluate(
             ``tiny`` for a random init.
         data: Held-out records: a JSONL file, a ``save_to_disk`` folder, parquet/arrow files (a
             path or a glob) or LLaVA JSON.
-        reference: Records whose answers define the majority baseline, read with the same
-            ``format`` and ``columns`` (default: ``train`` beside ``data`` with its suffix, e.g.
-            ``train.jsonl``, ``train.parquet`` or a ``train`` folder, if present).
+        reference: Records whose answers define the majority baseline (default: ``train`` beside
+            ``data`` with its suffix, e.g. ``train.jsonl``, ``train.parquet`` or a ``train`` folder,
+            if present, read with ``data``'s ``format`` and ``columns``; a path given here is read
+            in the format its name says, with ``columns`` where that format takes them).
         out: Write the metrics (and completions) as JSON here.
         batch_size: Records per generation batch.
         max_new_tokens: Generation length.
@@ -104,7 +117,8 @@ def evaluate(
     metrics = evaluate_module(module, records, batch_size, max_new_tokens)
     ref_path = Path(reference) if reference else default_reference(data)
     if ref_path.exists():
-        ref = load_records(str(ref_path), format=format, columns=columns, check_images=False)
+        ref_format, ref_columns = reference_source(ref_path, bool(reference), format, columns)
+        ref = load_records(str(ref_path), format=ref_format, columns=ref_columns, check_images=False)
         metrics["majority_baseline"] = majority_baseline(records, ref)
     metrics["seconds"] = time.perf_counter() - t0
     summary = {k: v for k, v in metrics.items() if k != "completions"}
