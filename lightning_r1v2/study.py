@@ -99,13 +99,6 @@ VARIANTS = {
 QUICK_VARIANTS = ("sft", "sft-grpo")
 
 
-def dynamic_sampling_available() -> bool:
-    """Whether ``lightning_r1v2.callbacks`` has ``DynamicSampling`` (DAPO's online filtering)."""
-    from . import callbacks
-
-    return hasattr(callbacks, "DynamicSampling")
-
-
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -123,9 +116,6 @@ def _grpo_settings() -> dict:
 def _drop_callbacks(cfg: dict, *names: str) -> None:
     """Remove the trainer callbacks whose class name is one of ``names``."""
     cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].rsplit(".", 1)[-1] not in names]
-
-
-GRPO_STAGES = ("grpo", "grpo-nossb", "grpo-dynamic", "sft-grpo")
 
 
 def grpo_log_summary(logs: Path, batches: int, rollouts_per_batch: int) -> dict:
@@ -364,11 +354,6 @@ class Chain:
     def cell(self, variant: str) -> dict:
         """Run ``variant`` (reusing done stages) and return its cell: final metrics, time, rollouts, curve."""
         stages, notes = self.path(variant)
-        G = _grpo_settings()["group_size"]
-        for st in stages:  # a GRPO stage's curve and shares from its logs (stages written before a fix get it too)
-            logs = self.dir / st["name"] / "grpo" / "logs"
-            if st["name"] in GRPO_STAGES and logs.is_dir():
-                st.update(grpo_log_summary(logs, self.sc.grpo_batches, self.sc.grpo_prompts * G))
         final = self.evaluate(stages[-1])
         curve, spent = [], 0
         for st in stages:
@@ -444,11 +429,15 @@ def _effective_share(cell: dict) -> float | None:
     return after if after is not None else cell.get("effective_share_before")
 
 
+def load_cells(out: Path) -> list[dict]:
+    """Every cell written under ``out/cells`` (``cell_path``), in path order."""
+    return [json.loads(p.read_text()) for p in sorted((Path(out) / "cells").glob("*/*/seed*.json"))]
+
+
 def summarise(out: Path, tasks: list[str] | None = None, variants: list[str] | None = None) -> list[dict]:
     """One row per (task, variant) over the cells written under ``out``, in ``tasks`` / ``variants`` order."""
     cells: dict[tuple[str, str], list[dict]] = {}
-    for p in sorted((Path(out) / "cells").glob("*/*/seed*.json")):
-        c = json.loads(p.read_text())
+    for c in load_cells(out):
         c["effective_share"] = _effective_share(c)
         cells.setdefault((c["task"], c["variant"]), []).append(c)
     t_order = {t: i for i, t in enumerate(tasks or DEFAULT_TASKS)}
@@ -509,8 +498,7 @@ def plot_curves(out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     by: dict[str, dict[str, list[list]]] = {}
-    for p in sorted((Path(out) / "cells").glob("*/*/seed*.json")):
-        c = json.loads(p.read_text())
+    for c in load_cells(out):
         by.setdefault(c["task"], {}).setdefault(c["variant"], []).append(c["curve"])
     tasks = sorted(by)
     if not tasks:
@@ -578,8 +566,7 @@ def paired_differences(out: Path, metric: str = "accuracy") -> list[dict]:
     mean and sample standard deviation of those differences, the paired t statistic and whether the
     difference is beyond noise at 95% (``paired_t``)."""
     cells: dict[tuple[str, str, int], dict] = {}
-    for p in sorted((Path(out) / "cells").glob("*/*/seed*.json")):
-        c = json.loads(p.read_text())
+    for c in load_cells(out):
         cells[(c["task"], c["variant"], c["seed"])] = c
     rows = []
     for task in sorted({k[0] for k in cells}, key=lambda t: (list(TASKS).index(t) if t in TASKS else 99, t)):
@@ -646,9 +633,8 @@ def study(
         out: Folder of the study: ``data/<task>``, ``runs/<task>/seed<k>/<stage>``,
             ``cells/<task>/<variant>/seed<k>.json``, ``table.md``, ``table.csv``, ``accuracy_vs_rollouts.png``.
         scale: ``quick`` (a smoke test), ``small`` or ``full`` (the demo's sizes); see ``SCALES``.
-        tasks: Tasks (default: every task in ``TASKS``: ``easy``, ``twostep``).
-        variants: Variants, in the table's order (default: all of ``VARIANTS``; ``grpo-dynamic`` only
-            where ``lightning_r1v2.callbacks.DynamicSampling`` exists).
+        tasks: Tasks (default: ``DEFAULT_TASKS``, ``easy`` and ``twostep``; ``twostep4`` on request).
+        variants: Variants, in the table's order (default: all of ``VARIANTS``).
         seeds: Training seeds (default ``[0, 1, 2]``).
         workers: (task, seed) chains run at once, each in its own process (default 1). Every
             stage runs with ``OMP_NUM_THREADS=1`` unless it is set, so N workers keep N cores busy.
@@ -660,13 +646,10 @@ def study(
         scale, tasks, variants, seeds = "quick", tasks or ["easy"], variants or list(QUICK_VARIANTS), seeds or [0, 1]
     tasks = list(tasks or DEFAULT_TASKS)
     seeds = list(seeds if seeds is not None else [0, 1, 2])
-    if variants is None:
-        variants = [v for v in VARIANTS if v != "grpo-dynamic" or dynamic_sampling_available()]
+    variants = list(VARIANTS) if variants is None else list(variants)
     bad = [v for v in variants if v not in VARIANTS] + [t for t in tasks if t not in TASKS]
     if bad:
         raise ValueError(f"unknown {bad}; variants: {sorted(VARIANTS)}; tasks: {sorted(TASKS)}")
-    if "grpo-dynamic" in variants and not dynamic_sampling_available():
-        raise ValueError("grpo-dynamic needs lightning_r1v2.callbacks.DynamicSampling, which this checkout lacks")
     sc = SCALES[scale]
     root = (ROOT / out).resolve()
     t0 = time.perf_counter()
