@@ -80,13 +80,16 @@ def effective_shares(run_dir: Path) -> dict:
     sampled (``effective_share_before``); None where the run did not log it."""
     from .jobs.plot import read_metrics
 
-    out = {"effective_share": None, "effective_share_before": None}
     metrics = sorted(Path(run_dir).rglob("metrics.csv"))
-    if metrics:
-        s = read_metrics(metrics[-1])
-        for name, col in (("effective_share", "ssb/effective_share_after"), ("effective_share_before", "effective_share")):
-            vals = [v for _, v in s.get(col, [])]
-            out[name] = sum(vals) / len(vals) if vals else None
+    return shares_of(read_metrics(metrics[-1]) if metrics else {})
+
+
+def shares_of(series: dict) -> dict:
+    """``effective_shares`` of a run's metrics already read (``jobs.plot.read_metrics``)."""
+    out = {}
+    for name, col in (("effective_share", "ssb/effective_share_after"), ("effective_share_before", "effective_share")):
+        vals = [v for _, v in series.get(col, [])]
+        out[name] = sum(vals) / len(vals) if vals else None
     return out
 
 

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .demo import ROOT, effective_shares, run_cli, stage_config
+from .demo import ROOT, run_cli, shares_of, stage_config
 
 TASKS = {
     # the demo's task: 2x2 grid, 3 colours, four question types
@@ -140,7 +140,7 @@ def grpo_log_summary(logs: Path, batches: int, rollouts_per_batch: int) -> dict:
     curve = [[(step + 1) * rollouts_per_batch + extra_by(step), acc] for step, acc in series.get("val/accuracy", [])]
     extra_total = int(extra[-1][1]) if extra else 0
     out = {"rollouts": batches * rollouts_per_batch + extra_total, "extra_rollouts": extra_total, "curve": curve,
-           **effective_shares(logs)}
+           **shares_of(series)}
     after = [v for _, v in series.get("dynamic_sampling/zero_std_share_after", [])]
     if after and out["effective_share"] is None:
         out["effective_share"] = 1.0 - sum(after) / len(after)
