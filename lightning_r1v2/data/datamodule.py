@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .collate import PromptCollator, SFTCollator, prompt_text, record_images
 from ..utils.distributed import world_and_rank
-from .sources import FORMATS, ColumnMap, fit_pixels, open_image, read_source
+from .sources import check_source_args, fit_pixels, open_image, read_source
 
 log = logging.getLogger("lightning_r1v2.data")
 
@@ -173,9 +173,7 @@ class R1V2DataModule(L.LightningDataModule):
         super().__init__()
         if kind not in ("sft", "prompts"):
             raise ValueError(f"kind must be 'sft' or 'prompts', got {kind!r}")
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-        ColumnMap.build(columns)  # unknown keys fail here, before any data is read
+        check_source_args(format, columns)  # unknown format or column keys fail here, before any data is read
         if min_pixels < 0 or max_pixels < 0 or (max_pixels and min_pixels > max_pixels):
             raise ValueError(f"need 0 <= min_pixels <= max_pixels (or max_pixels 0), got {min_pixels}, {max_pixels}")
         self.save_hyperparameters()

@@ -105,6 +105,18 @@ def detect_format(path: str | Path) -> str:
                      f"set format to one of {FORMATS[1:]}")
 
 
+def check_source_args(format: str, columns: dict | None) -> None:
+    """Fail on an unknown ``format`` or ``columns`` key before any data is read (or a policy loaded)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    ColumnMap.build(columns)
+
+
+def is_embedded(entry) -> bool:
+    """Whether an image entry is a reference into a dataset's table (not a path)."""
+    return isinstance(entry, dict) and "dataset" in entry
+
+
 def read_source(path: str | Path, format: str = "auto", columns: dict | None = None, strict: bool = True,
                 check_images: bool = True, allow_outside_paths: bool = True) -> tuple[list[dict], ReadReport]:
     """Read and validate the records of ``path`` (see the module docstring).
@@ -385,7 +397,7 @@ def image_bytes(ref: dict) -> bytes:
 
 def open_image(entry) -> Image.Image:
     """An image entry of a record (a path or an embedded reference) opened lazily, as ``Image.open``."""
-    if isinstance(entry, dict) and "dataset" in entry:
+    if is_embedded(entry):
         return Image.open(io.BytesIO(image_bytes(entry)))
     if isinstance(entry, (str, Path)):
         return Image.open(entry)

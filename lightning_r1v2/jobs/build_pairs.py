@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from ..data.sources import check_source_args
 from .sampling import (
     EmbeddedImages,
     build_reward_callbacks,
     default_report_path,
-    check_source_args,
     load_policy_module,
     load_records,
     output_record,

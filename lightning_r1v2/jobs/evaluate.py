@@ -108,7 +108,8 @@ def evaluate(
             ``answer_key``, ``image_key``, ``choices_key``, ``response_key``, ``id_key``
             (``sources.ColumnMap``), e.g. ``{question_key: problem, image_key: images}``.
     """
-    from .sampling import check_source_args, load_policy_module, load_records
+    from ..data.sources import check_source_args
+    from .sampling import load_policy_module, load_records
 
     t0 = time.perf_counter()
     check_source_args(format, columns)

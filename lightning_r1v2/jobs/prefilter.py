@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..data.sources import check_source_args
 from .sampling import (
     EmbeddedImages,
     build_reward_callbacks,
     default_report_path,
-    check_source_args,
     load_policy_module,
     load_records,
     output_record,

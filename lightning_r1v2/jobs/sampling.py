@@ -83,30 +83,16 @@ def build_reward_callbacks(specs: list[dict] | None) -> list:
     return out
 
 
-def check_source_args(format: str, columns: dict | None) -> None:
-    """Fail on an unknown ``format`` or ``columns`` key before a policy is loaded or data is read."""
-    from ..data.sources import FORMATS, ColumnMap
-
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    ColumnMap.build(columns)
-
-
 def load_records(data: str, limit: int = 0, strict: bool = True, format: str = "auto",
                  columns: dict | None = None, check_images: bool = True) -> list[dict]:
     """Validated records of any source ``read_source`` reads (a JSONL file, a ``save_to_disk``
     folder, parquet/arrow files, LLaVA JSON), the first ``limit`` if > 0. Image paths are absolute;
     embedded images are references (``sources.open_image``)."""
-    from ..data.sources import read_source
+    from ..data.sources import check_source_args, read_source
 
     check_source_args(format, columns)
     records, _ = read_source(data, format=format, columns=columns, strict=strict, check_images=check_images)
     return records[:limit] if limit else records
-
-
-def is_embedded(entry) -> bool:
-    """Whether an image entry is a reference into a dataset's table (not a path)."""
-    return isinstance(entry, dict) and "dataset" in entry
 
 
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif"}  # PIL format -> file extension, where not its lower case
@@ -170,6 +156,8 @@ def output_record(rec: dict, out_dir: str | Path, embedded: EmbeddedImages | Non
     (references into a dataset) are written as files by ``embedded`` and get their relative path."""
     if rec.get("image") is None:  # a text-only record
         return {k: v for k, v in rec.items() if k not in _INTERNAL}
+    from ..data.sources import is_embedded
+
     images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
     rel = []
     for p in images:
