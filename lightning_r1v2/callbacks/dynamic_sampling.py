@@ -174,9 +174,7 @@ class DynamicSampling(RolloutHooks):
         more = pl_module.score_rollouts(more, hooks=False)
         for cb, stats in saved:
             cb.last_stats = stats
-        if getattr(pl_module, "ref_model", None) is not None:
-            with torch.no_grad():
-                more.ref_logprobs = pl_module.sequence_logprobs(pl_module.ref_model, more)[0]
+        pl_module.add_reference_logprobs(more)
         return more
 
     @staticmethod

@@ -195,9 +195,7 @@ class GRPOModule(PolicyModule):
         rollouts = self.score_rollouts(rollouts)
         pre = self._reward_stats(rollouts)
         t2 = time.perf_counter()
-        if self.ref_model is not None and rollouts.ref_logprobs is None:
-            with torch.no_grad():
-                rollouts.ref_logprobs = self.sequence_logprobs(self.ref_model, rollouts)[0]
+        self.add_reference_logprobs(rollouts)
         rollouts = call_rollout_hook(self.trainer, self, "on_advantages", rollouts).to(self.device)
         stats = self._update(rollouts)
         t3 = time.perf_counter()
@@ -227,6 +225,13 @@ class GRPOModule(PolicyModule):
         rollouts.reward = combine_columns(rollouts, cbs, hp.reward_mode)
         rollouts.advantages = group_advantages(rollouts.reward, hp.group_size, scale=hp.scale_advantages)
         return rollouts
+
+    def add_reference_logprobs(self, rollouts: Rollouts) -> None:
+        """The reference model's log-probs of ``rollouts`` (``ref_logprobs``), where there is a reference
+        (``kl_coef > 0``) and the batch has none yet (rows replayed by the buffer keep theirs)."""
+        if self.ref_model is not None and rollouts.ref_logprobs is None:
+            with torch.no_grad():
+                rollouts.ref_logprobs = self.sequence_logprobs(self.ref_model, rollouts)[0]
 
     def _logging_step(self) -> bool:
         """Whether this step's metrics are logged: every ``trainer.log_every_n_steps`` rollout
